@@ -1,0 +1,7 @@
+"""spirals2, USBM (PAPER.md, experiment 2). Append ':smoke' to the path for a short CPU run."""
+
+from qcsbm_jax.config import toy_config
+
+
+def get_config(variant=None):
+    return toy_config("spirals2", "usbm", variant)

@@ -1,0 +1,139 @@
+"""Asymmetry of the Jacobian of a score field: Hutchinson estimators, exact values, metrics.
+
+For one sample with flattened dimension D and J = ds/dx (J_ij = ds_i/dx_j, D x D):
+
+  Asym(J)  = 1/2 ||J - J^T||_F^2 = tr(J J^T) - tr(J J)          (the QC penalty)
+  NAsym(J) = (1/4 ||J - J^T||_F^2) / ||J||_F^2, in [0, 1]
+
+Hutchinson estimators of Asym for a probe v with E[v v^T] = I (unbiased for any such v):
+
+  'nonneg'  1/2 ||J^T v - J v||^2       one jvp + one vjp; never negative (default)
+  'jvp_vjp' ||J^T v||^2 - (J v).(J^T v)  one jvp + one vjp
+  'two_vjp' ||J^T v||^2 - v.(J^T J^T v)  two vjps (the paper's PyTorch form)
+  'exact'   Asym from the full Jacobian, D jvps (small D only)
+
+'nonneg' is the default: it has the same mean as 'jvp_vjp' and the same cost, its
+per-probe values are never negative (a mini-batch penalty cannot reward asymmetry), and its
+variance was lower in our measurements (docs/benchmarks.md, tests/test_asymmetry.py).
+
+Fields are batched functions f: [B, *S] -> [B, *S] whose samples do not interact, so the
+Jacobian of the batch is block diagonal and one product per batch gives one per sample.
+Gradients flow through every product (no stop_gradient): jax.grad of the estimate is the
+exact gradient of the estimate. Whatever randomness f closes over (a dropout key) is shared
+by the primal, jvp and vjp passes.
+"""
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+Field = Callable[[jax.Array], jax.Array]
+
+ESTIMATORS = ("nonneg", "jvp_vjp", "two_vjp", "exact")
+PROBES = ("rademacher", "gaussian")
+
+
+def _sum_per_sample(a: jax.Array) -> jax.Array:
+    """[B, ...] -> [B]."""
+    return jnp.sum(a, axis=tuple(range(1, a.ndim)))
+
+
+def sample_probes(key: jax.Array, shape: tuple[int, ...], kind: str = "rademacher",
+                  dtype=jnp.float32) -> jax.Array:
+    """Probes v with E[v v^T] = I: Rademacher (+-1) or standard Gaussian."""
+    if kind == "rademacher":
+        return jax.random.rademacher(key, shape, dtype=dtype)
+    if kind == "gaussian":
+        return jax.random.normal(key, shape, dtype=dtype)
+    raise ValueError(f"probe must be one of {PROBES}, got {kind!r}.")
+
+
+def jacobian_products(f: Field, x: jax.Array, v: jax.Array):
+    """Returns (f(x), J v, J^T v), each [B, *S], from one jvp and one vjp."""
+    out, jv = jax.jvp(f, (x,), (v,))
+    _, vjp_fn = jax.vjp(f, x)
+    (jtv,) = vjp_fn(v)
+    return out, jv, jtv
+
+
+def hutchinson_asymmetry(f: Field, x: jax.Array, v: jax.Array, estimator: str = "nonneg"):
+    """One-probe estimate of Asym per sample.
+
+    Args:
+      f: batched field [B, *S] -> [B, *S].
+      x: [B, *S] points.
+      v: [B, *S] probes with E[v v^T] = I.
+      estimator: 'nonneg', 'jvp_vjp' or 'two_vjp'.
+    Returns:
+      (f(x) [B, *S], estimate [B]).
+    """
+    if estimator == "two_vjp":
+        out, vjp_fn = jax.vjp(f, x)
+        (jtv,) = vjp_fn(v)
+        (jtjtv,) = vjp_fn(jtv)
+        return out, _sum_per_sample(jtv * jtv - v * jtjtv)
+    out, jv, jtv = jacobian_products(f, x, v)
+    if estimator == "nonneg":
+        return out, 0.5 * _sum_per_sample(jnp.square(jtv - jv))
+    if estimator == "jvp_vjp":
+        return out, _sum_per_sample(jtv * jtv - jv * jtv)
+    raise ValueError(f"estimator must be one of {ESTIMATORS[:3]} here, got {estimator!r}.")
+
+
+def full_jacobian(f: Field, x: jax.Array):
+    """Per-sample Jacobian from D jvps of one linearisation.
+
+    Returns (f(x) [B, *S], J [B, D, D]) with D = prod(S) and J[b, i, j] = ds_i/dx_j.
+    """
+    batch, dim = x.shape[0], x[0].size
+    out, jvp_fn = jax.linearize(f, x)
+    basis = jnp.broadcast_to(jnp.eye(dim, dtype=x.dtype)[:, None, :], (dim, batch, dim))
+    columns = jax.vmap(jvp_fn)(basis.reshape((dim,) + x.shape))  # [D_in, B, *S]
+    return out, jnp.moveaxis(columns.reshape(dim, batch, dim), 0, -1)
+
+
+def asymmetry(jacobian: jax.Array) -> jax.Array:
+    """Asym = 1/2 ||J - J^T||_F^2 for J [B, D, D]; returns [B]."""
+    antisym = jacobian - jnp.swapaxes(jacobian, -1, -2)
+    return 0.5 * jnp.sum(jnp.square(antisym), axis=(-2, -1))
+
+
+def normalized_asymmetry(jacobian: jax.Array) -> jax.Array:
+    """NAsym = (1/4 ||J - J^T||_F^2) / ||J||_F^2 in [0, 1] for J [B, D, D]; returns [B]."""
+    frobenius = jnp.sum(jnp.square(jacobian), axis=(-2, -1))
+    return 0.5 * asymmetry(jacobian) / frobenius
+
+
+def asymmetry_penalty(field: Callable[[jax.Array, jax.Array], jax.Array], x: jax.Array,
+                      t: jax.Array, key: jax.Array, *, estimator: str = "nonneg",
+                      probe: str = "rademacher", num_probes: int = 1):
+    """The QC penalty per sample, and the field's value for reuse by the DSM term.
+
+    Args:
+      field: batched field(x [B, *S], t [B]) -> [B, *S].
+      x, t: [B, *S] points and [B] times.
+      key: probe key (unused by 'exact').
+      num_probes: K; each sample is copied K times with one probe per copy, as in the
+        paper, and the K estimates are averaged.
+    Returns:
+      (field(x, t) [B, *S], penalty [B]).
+    """
+    if estimator == "exact":
+        out, jacobian = full_jacobian(lambda y: field(y, t), x)
+        return out, asymmetry(jacobian)
+    copies_x = jnp.repeat(x, num_probes, axis=0)
+    copies_t = jnp.repeat(t, num_probes, axis=0)
+    v = sample_probes(key, copies_x.shape, probe, x.dtype)
+    out, estimate = hutchinson_asymmetry(lambda y: field(y, copies_t), copies_x, v, estimator)
+    return out[::num_probes], estimate.reshape(x.shape[0], num_probes).mean(axis=1)
+
+
+def hutchinson_metrics(f: Field, x: jax.Array, v: jax.Array):
+    """Unbiased one-probe estimates of (Asym [B], ||J||_F^2 [B]) for evaluation.
+
+    ||J||_F^2 = tr(J J^T) = E ||J^T v||^2. NAsym over a set is then estimated as
+    mean(Asym) / (2 mean(||J||_F^2)), a ratio of unbiased means.
+    """
+    _, jv, jtv = jacobian_products(f, x, v)
+    return 0.5 * _sum_per_sample(jnp.square(jtv - jv)), _sum_per_sample(jnp.square(jtv))

@@ -1,0 +1,64 @@
+"""Device mesh, shardings and global batches: one code path from one CPU to many hosts.
+
+The mesh has a 'data' axis (batch) and a 'model' axis (parameter sharding; size 1 unless a
+model needs it). Every process feeds its own slice of a global batch; jit places the work.
+Batch-local computations with data-dependent loops (adaptive ODE solves) run per shard
+through `per_shard`, so no collective ever sits inside a while loop.
+"""
+
+from collections.abc import Callable
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+DATA, MODEL = "data", "model"
+
+
+def make_mesh(data_axis: int = -1, model_axis: int = 1, devices=None) -> Mesh:
+    """A (data, model) mesh over all devices; data_axis=-1 takes what model_axis leaves."""
+    devices = list(devices if devices is not None else jax.devices())
+    if data_axis == -1:
+        data_axis = len(devices) // model_axis
+    if data_axis * model_axis != len(devices):
+        raise ValueError(
+            f"Mesh {data_axis} (data) x {model_axis} (model) does not match the "
+            f"{len(devices)} available devices; set --config.parallel.data_axis and "
+            "--config.parallel.model_axis so that their product is the device count.")
+    return jax.make_mesh((data_axis, model_axis), (DATA, MODEL),
+                         axis_types=(AxisType.Auto, AxisType.Auto), devices=devices)
+
+
+def data_sharding(mesh: Mesh) -> NamedSharding:
+    """Leading (batch) axis split over 'data', the rest replicated."""
+    return NamedSharding(mesh, P(DATA))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def check_batch_size(global_batch_size: int, mesh: Mesh, what: str = "batch size") -> None:
+    """Raises a clear error unless the batch splits evenly over data shards and processes."""
+    shards = mesh.shape[DATA]
+    if global_batch_size % shards or global_batch_size % jax.process_count():
+        raise ValueError(
+            f"The {what} {global_batch_size} must be divisible by the {shards} data-parallel "
+            f"devices and the {jax.process_count()} processes; change it in the config.")
+
+
+def global_batch(local_batch: np.ndarray, mesh: Mesh) -> jax.Array:
+    """Assembles per-process slices [B / P, ...] into one global array [B, ...] on the mesh."""
+    return jax.make_array_from_process_local_data(data_sharding(mesh), np.asarray(local_batch))
+
+
+def per_shard(fn: Callable, mesh: Mesh, num_replicated: int, num_batched: int) -> Callable:
+    """Runs a batch-local, deterministic `fn(*replicated, *batched)` on each shard alone.
+
+    The first `num_replicated` arguments (parameters) are replicated; the next
+    `num_batched` arrays are split along their leading axis over 'data', and so are all
+    outputs. Draw randomness (prior samples, probes) outside, as global arrays: then
+    results are the same for any number of devices.
+    """
+    in_specs = (P(),) * num_replicated + (P(DATA),) * num_batched
+    return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=P(DATA), check_vma=False)

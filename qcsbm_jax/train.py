@@ -1,0 +1,196 @@
+"""Training: the state pytree, the jitted step and the checkpointed loop."""
+
+import signal
+import time
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from clu import metric_writers, periodic_actions
+
+from qcsbm_jax import checkpoint, experiment, losses, parallel
+from qcsbm_jax.data import toy
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a run needs to continue exactly.
+
+    step: int32 scalar, updates applied so far. key: base PRNG key; the randomness of step
+    n is fold_in(key, n), so a resumed run draws the same numbers as an uninterrupted one.
+    """
+    step: jax.Array
+    params: Any
+    ema_params: Any
+    opt_state: Any
+    key: jax.Array
+
+
+def make_optimizer(optim: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    """Adam with linear warm-up and global-norm clipping (grad_clip <= 0 turns it off)."""
+    schedule = optim.learning_rate
+    if optim.warmup_steps > 0:
+        schedule = optax.linear_schedule(0.0, optim.learning_rate, optim.warmup_steps)
+    adam = optax.adam(schedule, b1=optim.b1, b2=optim.b2, eps=optim.adam_eps)
+    if optim.grad_clip > 0:
+        return optax.chain(optax.clip_by_global_norm(optim.grad_clip), adam)
+    return adam
+
+
+def init_state(params: Any, optimizer: optax.GradientTransformation, seed: int) -> TrainState:
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
+                      opt_state=optimizer.init(params), key=jax.random.key(seed))
+
+
+def make_train_step(loss_fn, optimizer: optax.GradientTransformation, ema_decay: float):
+    """Returns train_step(state, batch [B, *S]) -> (state, metrics).
+
+    A step whose loss or gradients are not finite leaves the state unchanged and reports
+    metrics['nonfinite'] = 1, so a NaN never reaches the parameters or a checkpoint.
+    """
+    def train_step(state: TrainState, batch: jax.Array):
+        key = jax.random.fold_in(state.key, state.step)
+        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state.params, batch, key)
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        ema = jax.tree.map(lambda e, p: ema_decay * e + (1 - ema_decay) * p,
+                           state.ema_params, params)
+        keep_finite = lambda new, old: jax.tree.map(
+            lambda a, b: jnp.where(finite, a, b), new, old)
+        new = state.replace(step=state.step + finite.astype(state.step.dtype),
+                            params=keep_finite(params, state.params),
+                            ema_params=keep_finite(ema, state.ema_params),
+                            opt_state=keep_finite(opt_state, state.opt_state))
+        metrics = dict(metrics, grad_norm=grad_norm,
+                       nonfinite=jnp.logical_not(finite).astype(jnp.float32))
+        return new, metrics
+
+    return train_step
+
+
+class _Preemption:
+    """Turns SIGTERM into a flag the loop checks, so a pre-empted run saves and exits."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        del signum, frame
+        self.requested = True
+
+    def restore(self):
+        signal.signal(signal.SIGTERM, self._previous)
+
+
+def _mean_metrics(history: list[dict]) -> dict[str, float]:
+    stacked = jax.device_get(history)
+    return {k: float(np.mean([m[k] for m in stacked])) for k in stacked[0]}
+
+
+def _check_finite(scalars: dict[str, float], step: int, workdir: str) -> None:
+    if scalars["nonfinite"] > 0:
+        raise FloatingPointError(
+            f"The loss or its gradient became NaN/inf before step {step}; those updates "
+            f"were skipped, so the parameters are the last finite ones and were saved in "
+            f"{workdir}/checkpoints. Lower --config.optim.learning_rate, keep "
+            "--config.optim.grad_clip on, or check the data; then rerun to resume.")
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+    """Trains from scratch or resumes from the newest valid checkpoint in workdir."""
+    mesh = parallel.make_mesh(config.parallel.data_axis, config.parallel.model_axis)
+    batch_size = config.training.batch_size
+    parallel.check_batch_size(batch_size, mesh)
+    model = experiment.build_score_model(config)
+    optimizer = make_optimizer(config.optim)
+    loss_fn = losses.make_loss_fn(
+        model.score_fn, model.sde, weighting=config.loss.weighting,
+        qc_weight=config.loss.qc_weight, estimator=config.loss.estimator,
+        probe=config.loss.probe, num_probes=config.loss.num_probes, eps=config.loss.eps)
+
+    replicated = parallel.replicated(mesh)
+    state = jax.jit(lambda p: init_state(p, optimizer, config.seed),
+                    out_shardings=replicated)(model.init_params)
+    metadata = {"config": config.to_dict(),
+                "signature": experiment.model_signature(config, model.init_params)}
+    train_step = jax.jit(make_train_step(loss_fn, optimizer, config.optim.ema_decay),
+                         in_shardings=(replicated, parallel.data_sharding(mesh)),
+                         out_shardings=(replicated, replicated), donate_argnums=0)
+
+    dataset = toy.sample_toy(config.data.name, jax.random.key(config.data.seed),
+                             config.data.num_points)
+    batch_key = jax.random.key(config.data.seed + 1)
+
+    def batch_at(step: int) -> jax.Array:
+        local = toy.toy_batch(dataset, batch_key, step, batch_size, jax.process_index(),
+                              jax.process_count())
+        return parallel.global_batch(local, mesh)
+
+    writer = metric_writers.create_default_writer(
+        workdir, just_logging=jax.process_index() > 0)
+    num_steps = config.training.num_steps
+    with checkpoint.Checkpointer(workdir, max_to_keep=config.training.keep_checkpoints) as ckpt:
+        if ckpt.latest_step() is not None:
+            state, saved = ckpt.restore_latest_valid(state)
+            checkpoint.check_compatible(saved, metadata)
+            logging.info("Resumed from step %d in %s.", int(state.step), workdir)
+        else:
+            writer.write_hparams(_flat_hparams(config))
+        start = int(state.step)
+        report = periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer)
+        preemption = _Preemption()
+        history = []
+        try:
+            for step in range(start, num_steps):
+                state, metrics = train_step(state, batch_at(step))
+                history.append(metrics)
+                done = step + 1
+                report(done, time.time())
+                if done % config.training.log_every == 0 or done == num_steps:
+                    scalars = _mean_metrics(history)
+                    history = []
+                    writer.write_scalars(done, scalars)
+                    if scalars["nonfinite"] > 0:
+                        _save(ckpt, state, metadata)
+                        _check_finite(scalars, done, workdir)
+                if done % config.training.checkpoint_every == 0 or done == num_steps:
+                    _save(ckpt, state, metadata)
+                if preemption.requested:
+                    logging.warning("SIGTERM: saving step %d and exiting.", done)
+                    _save(ckpt, state, metadata)
+                    break
+        finally:
+            preemption.restore()
+            ckpt.wait()
+            writer.flush()
+    return state
+
+
+def _save(ckpt: "checkpoint.Checkpointer", state: TrainState, metadata: dict) -> None:
+    """Saves the state under its own step unless that step is already saved."""
+    step = int(state.step)
+    if ckpt.latest_step() != step:
+        ckpt.save(step, state, metadata=metadata, force=True)
+
+
+def _flat_hparams(config: ml_collections.ConfigDict) -> dict:
+    flat = {}
+
+    def visit(prefix, node):
+        for k, v in node.items():
+            if isinstance(v, dict):
+                visit(f"{prefix}{k}.", v)
+            else:
+                flat[prefix + k] = v if isinstance(v, (int, float, str, bool)) else str(v)
+
+    visit("", config.to_dict())
+    return flat
