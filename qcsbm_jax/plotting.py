@@ -1,0 +1,98 @@
+"""PNG figures: toy scatter plots, curves and image grids.
+
+Figures are drawn on matplotlib's Agg canvas directly (Figure + FigureCanvasAgg), never
+through pyplot, so importing or using this module leaves the user's backend and pyplot
+state alone. Every function creates the parent directories of `path` and returns `path`.
+"""
+
+import math
+import os
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from PIL import Image
+
+DPI = 100
+
+
+def _make_parent(path: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+
+
+def _save(fig: Figure, path: str) -> str:
+    _make_parent(path)
+    FigureCanvasAgg(fig).print_png(path)
+    return path
+
+
+def scatter_png(path: str, points, title: str | None = None, lim: float | None = None) -> str:
+    """Scatter plot(s) of 2D points: one square 4 x 4 inch panel (400 x 400 px) per set.
+
+    points: array [N, 2], or a dict name -> [N_i, 2] drawn side by side with shared axes.
+    lim: show [-lim, lim]^2; None fits every panel to all the points.
+    """
+    sets = dict(points) if isinstance(points, Mapping) else {None: points}
+    sets = {name: np.asarray(p, np.float64).reshape(-1, 2) for name, p in sets.items()}
+    if lim is None:
+        stacked = np.concatenate(list(sets.values()))
+        lo, hi = stacked.min(axis=0), stacked.max(axis=0)
+        half = 0.55 * float(np.max(hi - lo)) or 1.0
+        centre = (lo + hi) / 2
+        xlim, ylim = (centre[0] - half, centre[0] + half), (centre[1] - half, centre[1] + half)
+    else:
+        xlim = ylim = (-lim, lim)
+    fig = Figure(figsize=(4 * len(sets), 4), dpi=DPI)
+    axes = fig.subplots(1, len(sets), squeeze=False)[0]
+    for ax, (name, p) in zip(axes, sets.items()):
+        ax.scatter(p[:, 0], p[:, 1], s=0.5, linewidths=0, alpha=0.6)
+        ax.set(xlim=xlim, ylim=ylim, aspect="equal")
+        if name is not None:
+            ax.set_title(f"{name} ({len(p)})")
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path)
+
+
+def curves_png(path: str, x: Sequence[float], curves: Mapping[str, Sequence[float]],
+               xlabel: str, ylabel: str, logx: bool = False, logy: bool = False,
+               title: str | None = None) -> str:
+    """Line plot (6 x 4 inch, 600 x 400 px) of curves name -> y [len(x)] against x."""
+    fig = Figure(figsize=(6, 4), dpi=DPI)
+    ax = fig.subplots()
+    for name, y in curves.items():
+        ax.plot(np.asarray(x), np.asarray(y), marker="." if len(x) <= 50 else None, label=name)
+    ax.set(xlabel=xlabel, ylabel=ylabel, xscale="log" if logx else "linear",
+           yscale="log" if logy else "linear")
+    ax.grid(True, which="both", alpha=0.3)
+    if curves:
+        ax.legend()
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def image_grid_png(path: str, images, ncols: int | None = None, padding: int = 2) -> str:
+    """Saves images [N, H, W, C] (C = 1 or 3, values in [0, 1]) as one grid PNG.
+
+    The grid has ncols columns (default ceil(sqrt(N))) and ceil(N / ncols) rows, with
+    `padding` black pixels around every tile: (rows (H + p) + p) x (ncols (W + p) + p) pixels,
+    mode 'L' for C = 1 and 'RGB' for C = 3. Values are clipped to [0, 1]; NaN shows as 0.
+    """
+    images = np.nan_to_num(np.asarray(images, np.float32), nan=0.0)
+    if images.ndim != 4 or images.shape[-1] not in (1, 3):
+        raise ValueError(f"images must be [N, H, W, C] with C = 1 or 3; got {images.shape}.")
+    n, h, w, c = images.shape
+    ncols = ncols or math.ceil(math.sqrt(n))
+    nrows = math.ceil(n / ncols)
+    grid = np.zeros((nrows * (h + padding) + padding, ncols * (w + padding) + padding, c),
+                    np.uint8)
+    pixels = np.round(np.clip(images, 0.0, 1.0) * 255).astype(np.uint8)
+    for i, image in enumerate(pixels):
+        top, left = padding + (i // ncols) * (h + padding), padding + (i % ncols) * (w + padding)
+        grid[top:top + h, left:left + w] = image
+    _make_parent(path)
+    Image.fromarray(grid[..., 0] if c == 1 else grid).save(path, format="PNG")
+    return path
