@@ -1,0 +1,241 @@
+"""Checkpoints you can trust: orbax CheckpointManager with clear failures.
+
+Layout: WORKDIR/checkpoints/<step>/{state, metadata}. `state` is the training pytree
+(orbax StandardSave), `metadata` a JSON dict (the run's config and model signature).
+Orbax writes each step to `<step>.orbax-checkpoint-tmp` and renames it when complete, so
+a killed save leaves no finalized step; such leftovers are ignored, never deleted here.
+Typed PRNG keys are stored as their uint32 key data and re-wrapped with the dtype of the
+restore target, so callers pass their state as-is. All I/O goes through the manager,
+which coordinates processes itself.
+"""
+
+import json
+import os
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+
+STATE = "state"
+METADATA = "metadata"
+RESTORED_FROM = "restored_from"  # Added to restored metadata: the step directory read.
+_MAX_LISTED = 10
+# What orbax/tensorstore raise for missing, truncated or garbled files. Anything else
+# (e.g. running out of device memory) is not a damaged checkpoint and propagates as is.
+_READ_ERRORS = (OSError, ValueError, KeyError)
+
+
+class CheckpointError(Exception):
+    """Base class of the errors this module raises."""
+
+
+class IncompatibleCheckpointError(CheckpointError):
+    """The checkpoint was written by another model or does not fit the restore target."""
+
+
+class CorruptCheckpointError(CheckpointError):
+    """A finalized step directory is incomplete or damaged."""
+
+
+def _is_key(x: Any) -> bool:
+    return jax.dtypes.issubdtype(getattr(x, "dtype", None), jax.dtypes.prng_key)
+
+
+def _unwrap_keys(tree: Any) -> Any:
+    """Replaces typed PRNG keys by their uint32 key data."""
+    return jax.tree.map(lambda x: jax.random.key_data(x) if _is_key(x) else x, tree)
+
+
+def _storage_target(abstract_state: Any) -> Any:
+    """ShapeDtypeStructs (with the caller's shardings) of what is stored on disk."""
+    def leaf(x):
+        sharding = getattr(x, "sharding", None)
+        if _is_key(x):
+            x = jax.eval_shape(jax.random.key_data, jax.ShapeDtypeStruct(x.shape, x.dtype))
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+
+    return jax.tree.map(leaf, abstract_state)
+
+
+def _wrap_keys(restored: Any, abstract_state: Any) -> Any:
+    """Turns key data back into typed keys wherever the target holds typed keys."""
+    return jax.tree.map(
+        lambda x, target: jax.random.wrap_key_data(x, dtype=target.dtype)
+        if _is_key(target) else x, restored, abstract_state)
+
+
+def _describe(tree: Any) -> dict[str, str]:
+    """'path.to.leaf' -> 'dtype[shape]' for every array (or array metadata) leaf."""
+    return {name: f"{np.dtype(leaf.dtype).name}{list(leaf.shape)}"
+            for name, leaf in ocp.tree.to_flat_dict(tree, sep=".").items()}
+
+
+def _differences(saved: Any, current: Any, prefix: str = "") -> list[str]:
+    """Lines 'key: checkpoint X, current Y' for every differing (nested) dict entry."""
+    if not (isinstance(saved, dict) and isinstance(current, dict)):
+        return [] if saved == current else [f"{prefix}: checkpoint {saved}, current {current}"]
+    lines = []
+    for key in sorted(saved.keys() | current.keys()):
+        lines += _differences(saved.get(key, "missing"), current.get(key, "missing"),
+                              f"{prefix}.{key}" if prefix else str(key))
+    return lines
+
+
+def _listing(lines: list[str]) -> str:
+    shown = lines[:_MAX_LISTED]
+    more = len(lines) - len(shown)
+    return "\n  " + "\n  ".join(shown) + (f"\n  ... and {more} more" if more else "")
+
+
+def _fresh_start_advice(checkpoints_dir: str) -> str:
+    return (f"Use a fresh --workdir for this model, or delete {checkpoints_dir} to start "
+            "this run from scratch.")
+
+
+def check_compatible(saved_metadata: dict, current_metadata: dict) -> None:
+    """Raises IncompatibleCheckpointError unless both model signatures agree.
+
+    Only metadata['signature'] is compared (model, family, parameter shapes, ...); other
+    config changes such as the learning rate are allowed when resuming.
+    """
+    as_json = lambda m: json.loads(json.dumps(m.get("signature", "missing")))
+    lines = _differences(as_json(saved_metadata), as_json(current_metadata), "signature")
+    if lines:
+        step_dir = saved_metadata.get(RESTORED_FROM, "WORKDIR/checkpoints/STEP")
+        raise IncompatibleCheckpointError(
+            f"The checkpoint {step_dir} was written by a different model; its signature "
+            f"differs in:{_listing(lines)}\n{_fresh_start_advice(os.path.dirname(step_dir))}")
+
+
+class Checkpointer:
+    """Saves and restores (state, metadata) under WORKDIR/checkpoints.
+
+    Use as a context manager, or call close(): it waits for a pending async save, whose
+    step is otherwise left unfinalized (and ignored) if the process exits first.
+    """
+
+    def __init__(self, workdir: str, *, max_to_keep: int = 3, save_interval_steps: int = 1,
+                 async_save: bool = True):
+        self.directory = os.path.join(os.fspath(workdir), "checkpoints")
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep, save_interval_steps=save_interval_steps,
+            enable_async_checkpointing=async_save, create=True)
+        self._manager = ocp.CheckpointManager(
+            self.directory, options=options,
+            item_handlers={STATE: ocp.StandardCheckpointHandler(),
+                           METADATA: ocp.JsonCheckpointHandler()})
+
+    def __enter__(self) -> "Checkpointer":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def step_dir(self, step: int) -> str:
+        return os.path.join(self.directory, str(step))
+
+    def all_steps(self) -> list[int]:
+        """Finalized steps, oldest first."""
+        return sorted(self._manager.all_steps())
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def save(self, step: int, state: Any, *, metadata: dict, force: bool = False) -> bool:
+        """Starts saving; returns False when save_interval_steps skips this step (the
+        first save into an empty directory always happens; force=True always saves).
+
+        The arrays are copied before this returns, so the caller may donate or delete
+        them; with async_save the files are written in the background (see wait()).
+        """
+        args = ocp.args.Composite(**{STATE: ocp.args.StandardSave(_unwrap_keys(state)),
+                                     METADATA: ocp.args.JsonSave(metadata)})
+        try:
+            return self._manager.save(step, args=args, force=force)
+        except ocp.checkpoint_manager.StepAlreadyExistsError as e:
+            raise CheckpointError(
+                f"{self.step_dir(step)} already exists. If it is a damaged checkpoint that "
+                "restore_latest_valid skipped, delete that directory and rerun.") from e
+
+    def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict]:
+        """Restores `step` (default: the newest) onto the shapes, dtypes and shardings of
+        `abstract_state` (ShapeDtypeStructs or arrays). Returns (state, metadata), the
+        metadata with RESTORED_FROM added.
+
+        Raises IncompatibleCheckpointError if the stored tree does not match the target,
+        CorruptCheckpointError if the step directory cannot be read.
+        """
+        step = self._existing_step(step)
+        target = _storage_target(abstract_state)
+        self._check_fits(step, target)
+        args = ocp.args.Composite(**{STATE: ocp.args.StandardRestore(target),
+                                     METADATA: ocp.args.JsonRestore()})
+        try:
+            restored = self._manager.restore(step, args=args)
+            metadata = dict(restored[METADATA])
+        except _READ_ERRORS as e:
+            raise self._corrupt(step, e) from e
+        metadata[RESTORED_FROM] = self.step_dir(step)
+        return _wrap_keys(restored[STATE], abstract_state), metadata
+
+    def restore_latest_valid(self, abstract_state: Any) -> tuple[Any, dict]:
+        """restore() of the newest step that is not corrupt; warns about skipped ones."""
+        steps = self._existing_steps()
+        for step in reversed(steps):
+            try:
+                return self.restore(abstract_state, step)
+            except CorruptCheckpointError as e:
+                logging.warning("%s Trying the previous step.", e)
+        raise CorruptCheckpointError(
+            f"Every checkpoint in {self.directory} (steps {steps}) is damaged; see the "
+            f"warnings above. {_fresh_start_advice(self.directory)}")
+
+    def wait(self) -> None:
+        """Blocks until pending async saves are finalized."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        """Waits for pending saves and releases the manager."""
+        self._manager.close()
+
+    def _existing_steps(self) -> list[int]:
+        steps = self.all_steps()
+        if not steps:
+            raise FileNotFoundError(
+                f"No checkpoint in {self.directory}. Train first (--mode train), or point "
+                "--workdir at a trained run.")
+        return steps
+
+    def _existing_step(self, step: int | None) -> int:
+        steps = self._existing_steps()
+        if step is None:
+            return steps[-1]
+        if step not in steps:
+            raise FileNotFoundError(
+                f"No checkpoint for step {step} in {self.directory}; it has {steps}.")
+        return step
+
+    def _check_fits(self, step: int, target: Any) -> None:
+        """Compares the stored tree's paths, shapes and dtypes with the target's (orbax
+        would silently cast dtypes, and its errors do not tell damage from mismatch)."""
+        try:
+            stored = self._manager.item_metadata(step)[STATE]
+        except _READ_ERRORS as e:
+            raise self._corrupt(step, e) from e
+        if stored is None:
+            raise self._corrupt(step, FileNotFoundError("no readable state metadata"))
+        lines = _differences(_describe(stored.tree), _describe(target))
+        if lines:
+            raise IncompatibleCheckpointError(
+                f"The checkpoint {self.step_dir(step)} does not fit the state being "
+                f"restored ({len(lines)} differences):{_listing(lines)}\nIt was probably "
+                f"written by another model or config. {_fresh_start_advice(self.directory)}")
+
+    def _corrupt(self, step: int, error: Exception) -> CorruptCheckpointError:
+        reason = (str(error).splitlines() or [""])[0][:300]
+        return CorruptCheckpointError(
+            f"The checkpoint {self.step_dir(step)} is incomplete or damaged "
+            f"({type(error).__name__}: {reason}). Delete {self.step_dir(step)} to fall back "
+            "to the previous step.")

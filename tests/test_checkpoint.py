@@ -1,0 +1,282 @@
+"""Checkpointer: exact round trips, shardings, retention, and clear failures."""
+
+import glob
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from qcsbm_jax import checkpoint
+
+# Reading damaged files leaves tensorstore callbacks on a closed event loop ("Event loop
+# is closed"); orbax ignores them and so do we.
+pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+
+
+@flax.struct.dataclass
+class State:
+    step: jax.Array
+    params: Any
+    ema_params: Any
+    opt_state: Any
+    key: jax.Array
+
+
+def make_state(seed: int = 0, width: int = 8) -> State:
+    """A state with non-trivial adam moments, EMA and a typed key."""
+    k1, k2 = jax.random.split(jax.random.key(seed))
+    params = {"dense": {"kernel": jax.random.normal(k1, (width, 4)),
+                        "bias": jax.random.normal(k2, (4,))},
+              "scale": jnp.ones((3,), jnp.bfloat16)}
+    optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(1e-3))
+    grads = jax.tree.map(lambda p: jnp.sin(p * 3.0).astype(p.dtype), params)
+    _, opt_state = optimizer.update(grads, optimizer.init(params), params)
+    ema = jax.tree.map(lambda p: (p * 0.9).astype(p.dtype), params)
+    return State(step=jnp.array(seed + 7, jnp.int32), params=params, ema_params=ema,
+                 opt_state=opt_state, key=jax.random.key(seed + 100))
+
+
+def abstract(state: State, sharding_fn=lambda x: None) -> State:
+    return jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding_fn(x)),
+        jax.eval_shape(lambda: state))
+
+
+METADATA = {"config": {"model": {"name": "mlp", "family": "qc"}, "optim": {"lr": 2e-4},
+                       "betas": [0.9, 0.999]},
+            "signature": {"model": "mlp", "family": "qc",
+                          "param_shapes": {"['dense']['kernel']": [8, 4]}}}
+
+
+def assert_trees_equal(actual, expected):
+    assert jax.tree.structure(actual) == jax.tree.structure(expected)
+    for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected)):
+        assert a.dtype == e.dtype and a.shape == e.shape
+        if checkpoint._is_key(e):
+            a, e = jax.random.key_data(a), jax.random.key_data(e)
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(e), strict=True)
+
+
+def saved_steps(workdir, steps, *, seed=0, **kwargs):
+    with checkpoint.Checkpointer(workdir, **kwargs) as ckpt:
+        for step in steps:
+            ckpt.save(step, make_state(seed + step), metadata=METADATA)
+    return os.path.join(workdir, "checkpoints")
+
+
+@pytest.mark.parametrize("async_save", [True, False])
+def test_round_trip_is_bit_exact_with_metadata(tmp_path, async_save):
+    state = make_state()
+    with checkpoint.Checkpointer(tmp_path, async_save=async_save) as ckpt:
+        assert ckpt.latest_step() is None
+        assert ckpt.save(7, state, metadata=METADATA)
+        ckpt.wait()
+        assert ckpt.latest_step() == 7
+        restored, metadata = ckpt.restore(abstract(state))
+    assert_trees_equal(restored, state)
+    assert jax.random.key_impl(restored.key) == jax.random.key_impl(state.key)
+    assert metadata.pop(checkpoint.RESTORED_FROM) == str(tmp_path / "checkpoints" / "7")
+    assert metadata == METADATA
+
+
+def test_concrete_state_is_a_valid_target(tmp_path):
+    saved_steps(tmp_path, [1])
+    with checkpoint.Checkpointer(tmp_path) as ckpt:
+        restored, _ = ckpt.restore(make_state(seed=5))
+    assert_trees_equal(restored, make_state(seed=1))
+
+
+def test_restore_puts_arrays_on_the_target_mesh_sharding(tmp_path):
+    mesh = jax.make_mesh((8,), ("data",))
+    state = make_state().replace(key=jax.random.split(jax.random.key(1), 8))
+
+    def sharding(x):
+        spec = P("data") if x.ndim and x.shape[0] % 8 == 0 else P()
+        return NamedSharding(mesh, spec)
+
+    target = abstract(state, sharding)
+    with checkpoint.Checkpointer(tmp_path) as ckpt:
+        ckpt.save(1, state, metadata=METADATA)
+        ckpt.wait()
+        restored, _ = ckpt.restore(target)
+    assert_trees_equal(restored, state)
+    for leaf, want in zip(jax.tree.leaves(restored), jax.tree.leaves(target)):
+        assert leaf.sharding == want.sharding
+    assert restored.params["dense"]["kernel"].sharding.spec == P("data")
+    assert restored.key.sharding.spec == P("data")
+
+
+def test_max_to_keep_and_latest_step(tmp_path):
+    directory = saved_steps(tmp_path, [10, 20, 30, 40], max_to_keep=2)
+    assert sorted(os.listdir(directory)) == ["30", "40"]
+    with checkpoint.Checkpointer(tmp_path, max_to_keep=2) as ckpt:
+        assert ckpt.all_steps() == [30, 40]
+        assert ckpt.latest_step() == 40
+        restored, _ = ckpt.restore(abstract(make_state()), step=30)
+        assert_trees_equal(restored, make_state(30))
+        with pytest.raises(FileNotFoundError, match="step 10"):
+            ckpt.restore(abstract(make_state()), step=10)
+
+
+def test_save_interval_and_force(tmp_path):
+    with checkpoint.Checkpointer(tmp_path, save_interval_steps=5) as ckpt:
+        assert ckpt.save(3, make_state(), metadata=METADATA)  # first save of a directory
+        assert not ckpt.save(4, make_state(), metadata=METADATA)
+        assert ckpt.save(5, make_state(), metadata=METADATA)
+        assert ckpt.save(6, make_state(), metadata=METADATA, force=True)
+        ckpt.wait()
+        assert ckpt.all_steps() == [3, 5, 6]
+        with pytest.raises(checkpoint.CheckpointError, match="already exists"):
+            ckpt.save(6, make_state(), metadata=METADATA, force=True)
+
+
+def test_async_save_copies_arrays_before_returning(tmp_path):
+    """The caller may donate (here: delete) the state right after save() returns."""
+    state = make_state()
+    expected = jax.tree.map(lambda x: x.copy(), state)
+    ckpt = checkpoint.Checkpointer(tmp_path, async_save=True)
+    assert ckpt.save(7, state, metadata=METADATA)
+    for leaf in jax.tree.leaves(state):
+        leaf.delete()
+    ckpt.wait()
+    assert ckpt.all_steps() == [7]
+    restored, _ = ckpt.restore(abstract(expected))
+    ckpt.close()
+    assert_trees_equal(restored, expected)
+
+
+def test_check_compatible_names_the_differing_keys(tmp_path):
+    saved_steps(tmp_path, [3])
+    with checkpoint.Checkpointer(tmp_path) as ckpt:
+        _, saved = ckpt.restore(abstract(make_state()))
+    checkpoint.check_compatible(saved, dict(METADATA, config={"optim": {"lr": 1.0}}))
+    other = {"signature": {"model": "mlp", "family": "csbm",
+                           "param_shapes": {"['dense']['kernel']": (16, 4)}}}
+    with pytest.raises(checkpoint.IncompatibleCheckpointError) as error:
+        checkpoint.check_compatible(saved, other)
+    message = str(error.value)
+    assert "family: checkpoint qc, current csbm" in message
+    assert "param_shapes.['dense']['kernel']" in message
+    assert "signature.model" not in message
+    assert str(tmp_path / "checkpoints") in message and "--workdir" in message
+
+
+def test_target_with_other_shapes_raises_incompatible(tmp_path):
+    saved_steps(tmp_path, [1])
+    with checkpoint.Checkpointer(tmp_path) as ckpt:
+        with pytest.raises(checkpoint.IncompatibleCheckpointError) as error:
+            ckpt.restore(abstract(make_state(width=16)))
+        assert "params.dense.kernel: checkpoint float32[8, 4], current float32[16, 4]" in str(
+            error.value)
+        assert str(tmp_path / "checkpoints") in str(error.value)
+        renamed = make_state().replace(params={"other": jnp.zeros(3)})
+        with pytest.raises(checkpoint.IncompatibleCheckpointError, match="params.other"):
+            ckpt.restore(abstract(renamed))
+        retyped = make_state().replace(step=jnp.array(0.0))
+        with pytest.raises(checkpoint.IncompatibleCheckpointError, match="int32"):
+            ckpt.restore(abstract(retyped))
+
+
+def _delete_data(step_dir):
+    for path in glob.glob(os.path.join(step_dir, "state", "d", "*")):
+        os.remove(path)
+
+
+def _truncate_data(step_dir):
+    for path in glob.glob(os.path.join(step_dir, "state", "d", "*")):
+        with open(path, "r+b") as f:
+            f.truncate(8)
+
+
+def _delete_tree_metadata(step_dir):
+    os.remove(os.path.join(step_dir, "state", "_METADATA"))
+
+
+def _truncate_json(step_dir):
+    with open(os.path.join(step_dir, "metadata", "metadata"), "r+b") as f:
+        f.truncate(5)
+
+
+@pytest.mark.parametrize("damage", [_delete_data, _truncate_data, _delete_tree_metadata,
+                                    _truncate_json])
+def test_corrupt_newest_step_falls_back_to_previous(tmp_path, damage, caplog):
+    directory = saved_steps(tmp_path, [1, 2])
+    damage(os.path.join(directory, "2"))
+    with checkpoint.Checkpointer(tmp_path) as ckpt:
+        assert ckpt.latest_step() == 2
+        with pytest.raises(checkpoint.CorruptCheckpointError) as error:
+            ckpt.restore(abstract(make_state()))
+        assert os.path.join(directory, "2") in str(error.value)
+        assert "Delete" in str(error.value)
+        restored, metadata = ckpt.restore_latest_valid(abstract(make_state()))
+    assert_trees_equal(restored, make_state(1))
+    assert metadata[checkpoint.RESTORED_FROM] == os.path.join(directory, "1")
+    assert "Trying the previous step" in caplog.text
+    assert sorted(os.listdir(directory)) == ["1", "2"]
+
+
+def test_all_steps_corrupt_raises(tmp_path):
+    directory = saved_steps(tmp_path, [1, 2])
+    for step in ("1", "2"):
+        _delete_data(os.path.join(directory, step))
+    with checkpoint.Checkpointer(tmp_path) as ckpt:
+        with pytest.raises(checkpoint.CorruptCheckpointError, match="Every checkpoint"):
+            ckpt.restore_latest_valid(abstract(make_state()))
+
+
+def test_no_checkpoint_raises_file_not_found(tmp_path):
+    with checkpoint.Checkpointer(tmp_path) as ckpt:
+        with pytest.raises(FileNotFoundError, match="No checkpoint"):
+            ckpt.restore_latest_valid(abstract(make_state()))
+
+
+def test_leftover_tmp_directory_is_ignored_and_kept(tmp_path):
+    directory = saved_steps(tmp_path, [1])
+    leftover = os.path.join(directory, "2.orbax-checkpoint-tmp")
+    shutil.copytree(os.path.join(directory, "1"), leftover)
+    with checkpoint.Checkpointer(tmp_path) as ckpt:
+        assert ckpt.all_steps() == [1]
+        restored, _ = ckpt.restore_latest_valid(abstract(make_state()))
+    assert_trees_equal(restored, make_state(1))
+    assert os.path.isdir(leftover)
+
+
+_KILLED_DURING_SAVE = """
+import os, signal, sys
+import jax.numpy as jnp
+from qcsbm_jax import checkpoint
+ckpt = checkpoint.Checkpointer(sys.argv[1], async_save=True)
+ckpt.save(1, {"w": jnp.ones(8)}, metadata={})
+ckpt.wait()
+ckpt.save(2, {"w": jnp.arange(4_000_000.0)}, metadata={})
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_kill_during_async_save_leaves_only_valid_steps(tmp_path):
+    """kill -9 right after an async save started: no damaged step, and resuming works."""
+    result = subprocess.run([sys.executable, "-c", textwrap.dedent(_KILLED_DURING_SAVE),
+                             str(tmp_path)], capture_output=True, timeout=120,
+                            env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert result.returncode == -signal.SIGKILL, result.stderr.decode()[-2000:]
+    big = {"w": jax.ShapeDtypeStruct((4_000_000,), jnp.float32)}
+    with checkpoint.Checkpointer(tmp_path) as ckpt:
+        assert ckpt.all_steps() in ([1], [1, 2])  # [1]: killed before finalizing
+        for step in ckpt.all_steps():
+            ckpt.restore({"w": jnp.zeros(8)} if step == 1 else big, step)
+        if ckpt.all_steps() == [1]:
+            assert ckpt.save(2, {"w": jnp.arange(4_000_000.0)}, metadata={})
+            ckpt.wait()
+        restored, _ = ckpt.restore(big)
+    np.testing.assert_array_equal(restored["w"], np.arange(4_000_000.0, dtype=np.float32))
