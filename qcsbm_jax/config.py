@@ -8,8 +8,8 @@ misspelt key fails at once with the list of valid keys.
 import ml_collections
 
 from qcsbm_jax import asymmetry, losses, score
+from qcsbm_jax.data.toy import TOY_DATASETS
 
-TOY_DATASETS = ("gaussians8", "spirals2", "checkerboard")
 TOY_FAMILIES = {
     # name: (model.family, loss.qc_weight, loss.estimator)
     "csbm": ("constrained", 0.0, "nonneg"),

@@ -8,7 +8,7 @@ import ml_collections
 import numpy as np
 
 from qcsbm_jax import models, score, sde as sde_lib
-from qcsbm_jax.config import TOY_DATASETS
+from qcsbm_jax.data.toy import TOY_DATASETS
 
 
 @dataclasses.dataclass(frozen=True)

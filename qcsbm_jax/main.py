@@ -7,6 +7,7 @@ all (train, then eval, then sample). Any config value can be overridden with
 """
 
 import importlib.util
+import logging as std_logging
 import os
 
 from absl import app, flags, logging
@@ -20,9 +21,17 @@ _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "sample", "all"], "
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+class _QuietCheckpointing(std_logging.Filter):
+    """Drops orbax's per-save INFO chatter; its warnings and errors still show."""
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    logging.get_absl_handler().addFilter(_QuietCheckpointing())
     # Imported here so that `--help` and flag errors are instant.
     from qcsbm_jax import config as config_lib, evaluate, train
 

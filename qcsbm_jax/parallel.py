@@ -62,3 +62,34 @@ def per_shard(fn: Callable, mesh: Mesh, num_replicated: int, num_batched: int) -
     """
     in_specs = (P(),) * num_replicated + (P(DATA),) * num_batched
     return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=P(DATA), check_vma=False)
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+    """The full value of a (possibly multi-process) global array as a NumPy array."""
+    if x.is_fully_addressable:
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def map_batches(fn: Callable, arrays: tuple[np.ndarray, ...], batch_size: int,
+                mesh: Mesh):
+    """Applies a batch-local `fn(*global_batches)` to host arrays [N, ...] in chunks.
+
+    Every example is covered: the last chunk is padded by repeating its final row and the
+    padded results are dropped. All processes must hold the same `arrays`; each feeds its
+    own slice of every chunk. Returns fn's pytree of per-example outputs, [N, ...] each.
+    """
+    check_batch_size(batch_size, mesh, "evaluation batch size")
+    total = len(arrays[0])
+    per_process = batch_size // jax.process_count()
+    rows = slice(jax.process_index() * per_process, (jax.process_index() + 1) * per_process)
+    outputs = []
+    for start in range(0, total, batch_size):
+        chunk = [a[start:start + batch_size] for a in arrays]
+        valid = len(chunk[0])
+        padded = [np.concatenate([c, np.repeat(c[-1:], batch_size - valid, axis=0)])
+                  for c in chunk]
+        result = fn(*(global_batch(p[rows], mesh) for p in padded))
+        outputs.append(jax.tree.map(lambda r: to_host(r)[:valid], result))
+    return jax.tree.map(lambda *parts: np.concatenate(parts), *outputs)

@@ -57,7 +57,7 @@ def make_train_step(loss_fn, optimizer: optax.GradientTransformation, ema_decay:
         key = jax.random.fold_in(state.key, state.step)
         (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             state.params, batch, key)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
@@ -139,14 +139,22 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
         workdir, just_logging=jax.process_index() > 0)
     num_steps = config.training.num_steps
     with checkpoint.Checkpointer(workdir, max_to_keep=config.training.keep_checkpoints) as ckpt:
-        if ckpt.latest_step() is not None:
+        latest = ckpt.latest_step()
+        if latest is not None:
             state, saved = ckpt.restore_latest_valid(state)
             checkpoint.check_compatible(saved, metadata)
+            if int(state.step) != latest:
+                raise checkpoint.CorruptCheckpointError(
+                    f"The newest checkpoint {ckpt.step_dir(latest)} cannot be read; step "
+                    f"{int(state.step)} can. Delete {ckpt.step_dir(latest)} (and any other "
+                    "unreadable newer steps) to resume from there.")
             logging.info("Resumed from step %d in %s.", int(state.step), workdir)
         else:
             writer.write_hparams(_flat_hparams(config))
         start = int(state.step)
-        report = periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer)
+        report = periodic_actions.ReportProgress(
+            num_train_steps=num_steps, writer=writer,
+            every_steps=config.training.log_every, every_secs=None)
         preemption = _Preemption()
         history = []
         try:

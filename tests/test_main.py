@@ -1,0 +1,86 @@
+"""The command line end to end on the smoke configs: train, resume, eval, sample, errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOY_KEYS = ("nll", "asym", "nasym", "score_error", "precision", "recall", "nfe")
+
+
+def _run(*args, check=True):
+    command = [sys.executable, "-m", "qcsbm_jax.main", *args]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{command} failed:\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def _checkpoint_steps(workdir):
+    return sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("run"))
+    _run("--config=configs/toy/gaussians8_qcsbm.py:smoke", f"--workdir={workdir}",
+         "--mode=all")
+    return workdir
+
+
+def test_all_mode_writes_metrics_samples_and_plots(trained):
+    with open(os.path.join(trained, "eval", "metrics.json")) as f:
+        metrics = json.load(f)
+    for key in TOY_KEYS:
+        assert isinstance(metrics[key], float) and np.isfinite(metrics[key]), key
+    assert 0.0 <= metrics["nasym"] <= 1.0
+    assert 0.0 <= metrics["precision"] <= 1.0 and 0.0 <= metrics["recall"] <= 1.0
+    assert metrics["nfe"] > 0
+    samples = np.load(os.path.join(trained, "samples", "samples.npz"))["samples"]
+    assert samples.shape == (256, 2) and np.all(np.isfinite(samples))
+    for png in ("eval/samples.png", "eval/asymmetry.png", "samples/samples.png"):
+        with open(os.path.join(trained, png), "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert any(name.startswith("events.out.tfevents") for name in os.listdir(trained))
+
+
+def test_resume_continues_from_last_checkpoint(trained):
+    result = _run("--config=configs/toy/gaussians8_qcsbm.py:smoke", f"--workdir={trained}",
+                  "--mode=train", "--config.training.num_steps=90")
+    assert "Resumed from step 60" in result.stderr
+    assert _checkpoint_steps(trained)[-1] == 90
+
+
+def test_pc_sampling_mode(trained):
+    _run("--config=configs/toy/gaussians8_qcsbm.py:smoke", f"--workdir={trained}",
+         "--mode=sample", "--config.sampling.method=pc", "--config.sampling.num_steps=20")
+    samples = np.load(os.path.join(trained, "samples", "samples.npz"))["samples"]
+    assert samples.shape == (256, 2) and np.all(np.isfinite(samples))
+
+
+def test_workdir_of_another_model_is_refused(trained):
+    result = _run("--config=configs/toy/gaussians8_csbm.py:smoke", f"--workdir={trained}",
+                  "--mode=train", check=False)
+    assert result.returncode != 0
+    assert "family" in result.stderr and "--workdir" in result.stderr
+
+
+def test_unknown_config_key_is_one_clear_error(tmp_path):
+    result = _run("--config=configs/toy/gaussians8_qcsbm.py:smoke", f"--workdir={tmp_path}",
+                  "--config.training.num_stepz=3", check=False)
+    assert result.returncode != 0
+    assert "num_stepz" in result.stderr and "num_steps" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_nan_loss_stops_with_advice_and_keeps_a_finite_checkpoint(tmp_path):
+    result = _run("--config=configs/toy/gaussians8_usbm.py:smoke", f"--workdir={tmp_path}",
+                  "--mode=train", "--config.optim.learning_rate=1e30",
+                  "--config.optim.grad_clip=0", check=False)
+    assert result.returncode != 0
+    assert "NaN" in result.stderr and "learning_rate" in result.stderr
+    assert _checkpoint_steps(str(tmp_path))
