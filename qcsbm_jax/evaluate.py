@@ -74,8 +74,7 @@ def toy_metrics(config, model, params, mesh, train_data: np.ndarray,
 
     @jax.jit
     def score_error(x, t, std):
-        mean_scale = sde.marginal_mean_std(jnp.ones((1, 1)), t[:1])[0][0, 0]
-        oracle = metrics.smoothed_empirical_score(x, mean_scale * train_data, std)
+        oracle = metrics.smoothed_empirical_score(x, sde.alpha(t[0]) * train_data, std)
         return 0.5 * jnp.sum(jnp.square(score_fn(params, x, t) - oracle), axis=-1)
 
     results: dict[str, float] = {}
@@ -111,7 +110,8 @@ def log_likelihood(config, model, params, mesh, data: np.ndarray):
         return nll, nfe
 
     fn = jax.jit(parallel.per_shard(local, mesh, num_replicated=1, num_batched=1))
-    return parallel.map_batches(lambda x: fn(params, x), (data,), ev.batch_size, mesh)
+    return parallel.map_batches(lambda x: fn(params, x), (data,), ev.batch_size, mesh,
+                                label="likelihood (probability-flow ODE)")
 
 
 def ode_samples(config, model, params, mesh, num_samples: int, seed: int):
@@ -125,7 +125,12 @@ def ode_samples(config, model, params, mesh, num_samples: int, seed: int):
                                               rtol=sc.rtol, atol=sc.atol, eps=sc.eps)
 
     fn = jax.jit(parallel.per_shard(local, mesh, num_replicated=1, num_batched=1))
-    return parallel.map_batches(lambda z: fn(params, z), (prior,), sc.batch_size, mesh)
+    return parallel.map_batches(lambda z: fn(params, z), (prior,), sc.batch_size, mesh,
+                                label="ODE sampling")
+
+
+def _log_pc_progress(step: int, total: int) -> None:
+    logging.info("PC sampling: step %d/%d", step, total)
 
 
 def pc_samples(config, model, params, mesh, num_samples: int, seed: int) -> np.ndarray:
@@ -138,10 +143,12 @@ def pc_samples(config, model, params, mesh, num_samples: int, seed: int) -> np.n
         return sampling.pc_sample_per_key(
             p, keys, score_fn=model.score_fn, sde=model.sde, shape=model.data_shape,
             num_steps=sc.num_steps, predictor=sc.predictor, corrector=sc.corrector,
-            snr=sc.snr, corrector_steps=sc.corrector_steps, denoise=sc.denoise, eps=sc.eps)
+            snr=sc.snr, corrector_steps=sc.corrector_steps, denoise=sc.denoise, eps=sc.eps,
+            progress=_log_pc_progress)
 
     fn = jax.jit(parallel.per_shard(local, mesh, num_replicated=1, num_batched=1))
-    return parallel.map_batches(lambda k: fn(params, k), (keys,), sc.batch_size, mesh)
+    return parallel.map_batches(lambda k: fn(params, k), (keys,), sc.batch_size, mesh,
+                                label="PC sampling")
 
 
 def _toy_data(config) -> tuple[np.ndarray, np.ndarray]:

@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 import jax
 import numpy as np
+from absl import logging
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 DATA, MODEL = "data", "model"
@@ -73,12 +74,13 @@ def to_host(x: jax.Array) -> np.ndarray:
 
 
 def map_batches(fn: Callable, arrays: tuple[np.ndarray, ...], batch_size: int,
-                mesh: Mesh):
+                mesh: Mesh, label: str | None = None):
     """Applies a batch-local `fn(*global_batches)` to host arrays [N, ...] in chunks.
 
     Every example is covered: the last chunk is padded by repeating its final row and the
     padded results are dropped. All processes must hold the same `arrays`; each feeds its
     own slice of every chunk. Returns fn's pytree of per-example outputs, [N, ...] each.
+    With a label, logs a progress line per chunk.
     """
     check_batch_size(batch_size, mesh, "evaluation batch size")
     total = len(arrays[0])
@@ -92,4 +94,6 @@ def map_batches(fn: Callable, arrays: tuple[np.ndarray, ...], batch_size: int,
                   for c in chunk]
         result = fn(*(global_batch(p[rows], mesh) for p in padded))
         outputs.append(jax.tree.map(lambda r: to_host(r)[:valid], result))
+        if label:
+            logging.info("%s: %d/%d examples", label, start + valid, total)
     return jax.tree.map(lambda *parts: np.concatenate(parts), *outputs)

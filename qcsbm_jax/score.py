@@ -47,8 +47,7 @@ def make_energy_fn(apply_fn, sde, output: str = "scaled"):
     _check(FAMILIES[1], output)
 
     def energy_fn(params, x, t, key=None):
-        std = sde.marginal_mean_std(x, t)[1]
-        return _energy(apply_fn(params, x, sde.noise_condition(t), key), x, std, output)
+        return _energy(apply_fn(params, x, sde.noise_condition(t), key), x, sde.std(t), output)
 
     return energy_fn
 
@@ -69,9 +68,8 @@ def make_score_fn(apply_fn, sde, family: str, output: str) -> ScoreFn:
         return score_fn
 
     def score_fn(params, x, t, key=None):
-        std = sde.marginal_mean_std(x, t)[1]
         return _unconstrained_output(
-            apply_fn(params, x, sde.noise_condition(t), key), x, std, output)
+            apply_fn(params, x, sde.noise_condition(t), key), x, sde.std(t), output)
 
     return score_fn
 

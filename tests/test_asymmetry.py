@@ -32,7 +32,7 @@ def _points(batch=5, dim=2, seed=1):
 def _jacfwd_jacobian(score_fn, params, x, t):
     """Reference: per-sample Jacobian of the single-sample function by jax.jacfwd."""
     single = lambda xi, ti: score_fn(params, xi[None], ti[None])[0]
-    return jax.vmap(jax.jacfwd(single))(x, t)
+    return jax.jit(jax.vmap(jax.jacfwd(single)))(x, t)
 
 
 def _all_sign_probes(batch, dim):
@@ -48,7 +48,7 @@ def _all_sign_probes(batch, dim):
 def test_full_jacobian_matches_jacfwd():
     score_fn, params = _toy_field("unconstrained")
     x, t = _points()
-    out, jac = asymmetry.full_jacobian(lambda y: score_fn(params, y, t), x)
+    out, jac = jax.jit(lambda y: asymmetry.full_jacobian(lambda z: score_fn(params, z, t), y))(x)
     np.testing.assert_allclose(jac, _jacfwd_jacobian(score_fn, params, x, t), rtol=1e-5,
                                atol=1e-5)
     np.testing.assert_allclose(out, score_fn(params, x, t), rtol=1e-6)
@@ -71,8 +71,8 @@ def test_estimators_exact_in_expectation(estimator, family):
     jac = _jacfwd_jacobian(score_fn, params, x, t)
     probes = _all_sign_probes(*x.shape)
     field = lambda y: score_fn(params, y, t)
-    estimates = jax.vmap(lambda v: asymmetry.hutchinson_asymmetry(field, x, v, estimator)[1])(
-        probes)
+    estimates = jax.jit(jax.vmap(
+        lambda v: asymmetry.hutchinson_asymmetry(field, x, v, estimator)[1]))(probes)
     # Rounding error scales with ||J||_F^2 (the exact value is ~0 for the constrained family).
     atol = 1e-6 * float(jnp.max(jnp.sum(jac**2, axis=(1, 2))))
     np.testing.assert_allclose(estimates.mean(0), asymmetry.asymmetry(jac), rtol=1e-4,
@@ -94,8 +94,8 @@ def test_estimator_parameter_gradients_match_exact(estimator):
             lambda v: asymmetry.hutchinson_asymmetry(field, x, v, estimator)[1].sum())(probes)
         return per_probe.mean()
 
-    expected = jax.grad(exact_loss)(params)
-    got = jax.grad(estimated_loss)(params)
+    expected = jax.jit(jax.grad(exact_loss))(params)
+    got = jax.jit(jax.grad(estimated_loss))(params)
     scale = max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(expected))
     for g, e in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
         np.testing.assert_allclose(g, e, atol=1e-4 * scale)
@@ -148,10 +148,12 @@ def test_penalty_with_probe_copies_and_reused_output():
     x, t = _points(batch=4)
     field = lambda y, tt: score_fn(params, y, tt)
     exact = asymmetry.asymmetry(_jacfwd_jacobian(score_fn, params, x, t))
-    out, pen = asymmetry.asymmetry_penalty(field, x, t, jax.random.key(0), estimator="exact")
+    penalty = jax.jit(asymmetry.asymmetry_penalty,
+                      static_argnames=("field", "estimator", "probe", "num_probes"))
+    out, pen = penalty(field, x, t, jax.random.key(0), estimator="exact")
     np.testing.assert_allclose(pen, exact, rtol=1e-5)
     np.testing.assert_allclose(out, field(x, t), rtol=1e-6)
-    out, pen = asymmetry.asymmetry_penalty(field, x, t, jax.random.key(0), num_probes=4096)
+    out, pen = penalty(field, x, t, jax.random.key(0), num_probes=4096)
     assert pen.shape == (4,)
     np.testing.assert_allclose(out, field(x, t), rtol=1e-6)
     np.testing.assert_allclose(pen, exact, rtol=0.1)
@@ -162,7 +164,7 @@ def test_hutchinson_metrics_unbiased():
     x, t = _points()
     jac = _jacfwd_jacobian(score_fn, params, x, t)
     field = lambda y: score_fn(params, y, t)
-    asym, frob = jax.vmap(lambda v: asymmetry.hutchinson_metrics(field, x, v))(
+    asym, frob = jax.jit(jax.vmap(lambda v: asymmetry.hutchinson_metrics(field, x, v)))(
         _all_sign_probes(*x.shape))
     np.testing.assert_allclose(asym.mean(0), asymmetry.asymmetry(jac), rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(frob.mean(0), jnp.sum(jac**2, axis=(1, 2)), rtol=1e-5)

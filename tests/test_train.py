@@ -11,7 +11,9 @@ from qcsbm_jax.data import toy
 
 
 def _smoke(family="qcsbm", **overrides):
+    """The smoke config with a narrower network, so that tests compile and run quickly."""
     config = config_lib.toy_config("gaussians8", family, "smoke")
+    overrides = {"model.widths": (32, 32), **overrides}
     with config.unlocked():
         for key, value in overrides.items():
             node, *path = key.split(".")
@@ -39,10 +41,10 @@ def test_training_reduces_loss(family):
     state = train.init_state(model.init_params, optimizer, 0)
     step_fn = jax.jit(step_fn)
     losses_seen = []
-    for step in range(150):
+    for step in range(100):
         state, metrics = step_fn(state, _batch(config, step))
         losses_seen.append(float(metrics["loss"]))
-    assert int(state.step) == 150
+    assert int(state.step) == 100
     assert np.mean(losses_seen[-20:]) < 0.8 * np.mean(losses_seen[:20])
 
 
@@ -99,3 +101,16 @@ def test_mesh_and_batch_errors_are_clear():
         parallel.make_mesh(3, 1)
     with pytest.raises(ValueError, match="divisible"):
         parallel.check_batch_size(12, parallel.make_mesh())
+
+
+def test_interrupted_run_resumes_exactly(tmp_path):
+    """20 steps, stop, resume to 40 == 40 steps straight (same data and RNG stream)."""
+    straight = _smoke("qcsbm", **{"training.num_steps": 40, "training.checkpoint_every": 20})
+    interrupted = _smoke("qcsbm", **{"training.num_steps": 20, "training.checkpoint_every": 20})
+    expected = train.train(straight, str(tmp_path / "straight"))
+    train.train(interrupted, str(tmp_path / "resumed"))
+    resumed = train.train(straight, str(tmp_path / "resumed"))
+    assert int(resumed.step) == int(expected.step) == 40
+    for a, b in zip(jax.tree.leaves(resumed.params) + jax.tree.leaves(resumed.opt_state),
+                    jax.tree.leaves(expected.params) + jax.tree.leaves(expected.opt_state)):
+        np.testing.assert_array_equal(a, b)
