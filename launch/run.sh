@@ -1,34 +1,63 @@
 #!/usr/bin/env bash
-# The one entry point: sets up its own virtual environment, then runs a job or the tests.
+# The one entry point: sets up its own virtual environment, then runs a job or the tests,
+# on this machine, on a Cloud TPU VM pod (over gcloud) or on a SLURM GPU cluster (srun).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${QCSBM_VENV:-$ROOT/.venv}"
 PYTHON="${PYTHON:-python3}"
 DEFAULT_CONFIG="configs/toy/gaussians8_qcsbm.py"
+REMOTE_DIR="qcsbm_jax"  # On every TPU worker, relative to the home directory.
 
 usage() {
   cat <<USAGE
 Usage: launch/run.sh COMMAND [ARGS]
 
 Commands:
-  local [CONFIG] [FLAGS...]  Train, evaluate and sample on this machine (mode 'all').
-                             CONFIG defaults to $DEFAULT_CONFIG (no download needed);
-                             the workdir defaults to runs/<config name>. FLAGS are passed to
-                             qcsbm_jax.main, e.g. --mode=eval --workdir=DIR
-                             --config.training.num_steps=100.
-  test [PYTEST ARGS...]      Run the test suite (CPU only).
-  -h, --help                 Show this help.
+  local [--processes N] [CONFIG] [FLAGS...]
+      Train, evaluate and sample on this machine (mode 'all'). CONFIG defaults to
+      $DEFAULT_CONFIG (no download needed); the workdir defaults to
+      runs/<config name>. FLAGS go to qcsbm_jax.main, e.g. --mode=eval --workdir=DIR
+      --config.training.num_steps=100. --processes N starts N processes of one job on
+      this machine (CPU devices, gloo collectives; JAX_NUM_CPU_DEVICES devices each).
+  tpu setup|run|stop|logs [--project P] [--zone Z] [--tpu NAME] [--workdir gs://...]
+      [--tfds_data_dir DIR] [CONFIG] [FLAGS...]
+      Cloud TPU VM pod, over 'gcloud compute tpus tpu-vm ssh --worker=all':
+        setup  copy this checkout to ~/$REMOTE_DIR on every worker and install it
+               there with jax[tpu];
+        run    start the job on every worker in the background (mode 'all'; needs
+               --workdir, a gs:// URL all workers share); log in ~/$REMOTE_DIR/run.log;
+        stop   send SIGTERM to that job only: it saves a checkpoint and exits;
+        logs   print the last lines of every worker's log (LOG_LINES, default 50).
+      Defaults from the environment: PROJECT_ID, ZONE, TPU_NAME, WORKDIR, TFDS_DATA_DIR
+      (project and zone fall back to gcloud's configuration).
+  slurm [--nodes N] [--gpus-per-node G] [--per gpu|node] [--srun-arg ARG]...
+      [CONFIG] [FLAGS...]                                     (alias: gpu)
+      GPU cluster: srun starts one process per GPU (--per gpu, default) or one per
+      node using all its GPUs (--per node); the coordinator is the step's first node.
+      Run it inside an allocation (salloc, sbatch) or let srun allocate; pass
+      partition, time, account as --srun-arg=--partition=P etc. The workdir must be
+      on a shared file system (default runs/<config name> in this checkout).
+  test [PYTEST ARGS...]
+      Run the test suite (CPU only).
+  -h, --help  Show this help.
 
 Set-up is automatic: the first run creates $VENV and installs the package with its
 dependencies; later runs reuse it (reinstalling when setup.cfg changes).
-Environment: PYTHON (interpreter for the venv, >= 3.11), QCSBM_VENV (venv location).
+Environment: PYTHON (interpreter for the venv, >= 3.11), QCSBM_VENV (venv location),
+QCSBM_PIP_EXTRA (slurm: extra pip packages for the venv, default 'jax[cuda12]').
+Exit status: that of the job; 143 means pre-empted (SIGTERM) after saving a
+checkpoint: rerun the same command to resume.
 USAGE
 }
 
+die() { echo "launch/run.sh: $*" >&2; exit 2; }
+
+# Creates or refreshes the venv at $VENV; extra pip requirements as arguments.
 setup_venv() {
   local stamp="$VENV/.qcsbm-setup" want
-  want="$(cat "$ROOT/setup.cfg" "$ROOT/pyproject.toml" | sha256sum | cut -d' ' -f1)"
+  want="$( (cat "$ROOT/setup.cfg" "$ROOT/pyproject.toml"; [[ $# -eq 0 ]] || echo "$*") \
+    | sha256sum | cut -d' ' -f1)"
   if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then
     return
   fi
@@ -36,17 +65,232 @@ setup_venv() {
   "$PYTHON" -c 'import sys; assert sys.version_info >= (3, 11), "Python >= 3.11 is required"'
   [[ -x "$VENV/bin/python" ]] || "$PYTHON" -m venv "$VENV"
   "$VENV/bin/python" -m pip install --quiet --upgrade pip
-  "$VENV/bin/python" -m pip install --quiet -e "$ROOT[test]"
+  "$VENV/bin/python" -m pip install --quiet -e "$ROOT[test]" "$@"
   echo "$want" > "$stamp"
 }
 
+# Sets CONFIG (default or first argument) and ARGS (main's flags); callers shift by $SHIFT.
+job_args() {
+  CONFIG="$DEFAULT_CONFIG" SHIFT=0
+  if [[ $# -gt 0 && "$1" != -* ]]; then CONFIG="$1"; SHIFT=1; fi
+  local name; name="$(basename "${CONFIG%%:*}" .py)"
+  ARGS=("--config=$CONFIG" "--mode=all" "--workdir=${WORKDIR_DEFAULT:-$ROOT/runs/$name}")
+}
+
+positive_int() { [[ "$2" =~ ^[1-9][0-9]*$ ]] || die "$1 wants a positive integer, got '$2'"; }
+
 run_local() {
-  local config="$DEFAULT_CONFIG"
-  if [[ $# -gt 0 && "$1" != -* ]]; then config="$1"; shift; fi
-  local name; name="$(basename "${config%%:*}" .py)"
-  local args=("--config=$config" "--mode=all" "--workdir=$ROOT/runs/$name")
+  local processes=1
+  while [[ $# -gt 0 ]]; do
+    case "$1" in
+      --processes) [[ $# -ge 2 ]] || die "--processes wants a number"; processes="$2"; shift 2 ;;
+      --processes=*) processes="${1#*=}"; shift ;;
+      *) break ;;
+    esac
+  done
+  positive_int --processes "$processes"
+  job_args "$@"; shift "$SHIFT"
   cd "$ROOT"
-  exec "$VENV/bin/python" -m qcsbm_jax.main "${args[@]}" "$@"
+  if [[ "$processes" -eq 1 ]]; then
+    exec "$VENV/bin/python" -m qcsbm_jax.main "${ARGS[@]}" "$@"
+  fi
+  export JAX_PLATFORMS="${JAX_PLATFORMS:-cpu}"
+  local port i out status=0 pids=() prefixers=()
+  port="$("$VENV/bin/python" -c \
+    'import socket; s = socket.socket(); s.bind(("localhost", 0)); print(s.getsockname()[1])')"
+  for ((i = 0; i < processes; i++)); do
+    exec {out}> >(sed -u "s/^/[process $i] /")  # Output lines start with [process i].
+    prefixers+=("$!")
+    "$VENV/bin/python" -m qcsbm_jax.main "${ARGS[@]}" --coordinator_address="localhost:$port" \
+      --num_processes="$processes" --process_id="$i" --heartbeat_timeout_s=10 "$@" \
+      >&"$out" 2>&1 &
+    pids+=("$!")
+    exec {out}>&-
+  done
+  supervise "${pids[@]}" || status=$?
+  wait "${prefixers[@]}" 2>/dev/null || true
+  return "$status"
+}
+
+# Waits for the processes of one job. SIGTERM/SIGINT are forwarded to all of them. When
+# one fails, the others normally stop by themselves (JAX notices the missing process);
+# any still running QCSBM_STOP_GRACE_S (default 60) seconds later are killed. Returns the
+# first non-zero exit status, or 0.
+supervise() {
+  local pids=("$@") codes=() status=0 failed_at=0 alive i code
+  local grace="${QCSBM_STOP_GRACE_S:-60}"
+  trap 'kill -TERM "${pids[@]}" 2>/dev/null || true' TERM INT
+  while :; do
+    alive=0
+    for i in "${!pids[@]}"; do
+      [[ -z "${codes[$i]:-}" ]] || continue
+      if kill -0 "${pids[$i]}" 2>/dev/null; then alive=$((alive + 1)); continue; fi
+      code=0; wait "${pids[$i]}" || code=$?
+      codes[$i]=$code
+      if [[ $code -ne 0 ]]; then
+        echo "[run.sh] process $i (pid ${pids[$i]}) exited with status $code." >&2
+        if [[ $status -eq 0 ]]; then status=$code; failed_at=$SECONDS; fi
+      fi
+    done
+    [[ $alive -gt 0 ]] || break
+    if [[ $status -ne 0 && $((SECONDS - failed_at)) -ge $grace ]]; then
+      echo "[run.sh] killing the $alive processes still running ${grace}s after a failure." >&2
+      for i in "${!pids[@]}"; do
+        [[ -n "${codes[$i]:-}" ]] || kill -KILL "${pids[$i]}" 2>/dev/null || true
+      done
+    fi
+    sleep 0.5
+  done
+  trap - TERM INT
+  return "$status"
+}
+
+# --- Cloud TPU VM pods. The remote_* functions run on every worker (sent with declare -f).
+
+is_our_job() {  # pid, dir -> whether it is alive and runs qcsbm_jax.main in dir
+  [[ -r "/proc/$1/cmdline" && "$(readlink "/proc/$1/cwd")" == "$2" ]] \
+    && tr '\0' ' ' < "/proc/$1/cmdline" | grep -q "qcsbm_jax.main"
+}
+
+remote_setup() {  # dir: unpack ~/qcsbm_jax.tar.gz there, then set up its venv with jax[tpu]
+  set -e
+  mkdir -p "$HOME/$1"
+  tar -xzf "$HOME/qcsbm_jax.tar.gz" -C "$HOME/$1"
+  rm -f "$HOME/qcsbm_jax.tar.gz"
+  local ROOT="$HOME/$1" VENV="$HOME/$1/.venv" PYTHON candidate
+  for candidate in python3.13 python3.12 python3.11 python3; do
+    if "$candidate" -c 'import sys, venv; assert sys.version_info >= (3, 11)' 2>/dev/null; then
+      PYTHON="$candidate"; break
+    fi
+  done
+  if [[ -z "${PYTHON:-}" ]]; then  # TPU images based on Ubuntu 22.04 ship Python 3.10.
+    sudo apt-get -qq update && sudo apt-get -qq install -y python3.11 python3.11-venv
+    PYTHON=python3.11
+  fi
+  setup_venv "jax[tpu]"
+  echo "[$(hostname)] ready: $ROOT"
+}
+
+remote_run() {  # dir, TFDS_DATA_DIR, main's flags...
+  local dir="$HOME/$1" tfds="$2"; shift 2
+  cd "$dir"
+  if [[ -f run.pid ]] && is_our_job "$(cat run.pid)" "$dir"; then
+    echo "[$(hostname)] a job is already running (pid $(cat run.pid)); stop it first." >&2
+    return 1
+  fi
+  [[ -z "$tfds" ]] || export TFDS_DATA_DIR="$tfds"
+  nohup .venv/bin/python -m qcsbm_jax.main "$@" > run.log 2>&1 < /dev/null &
+  echo $! > run.pid
+  echo "[$(hostname)] started pid $!; log: $dir/run.log"
+}
+
+remote_stop() {  # dir: SIGTERM the job started by remote_run (and nothing else)
+  local dir="$HOME/$1" pidfile="$HOME/$1/run.pid" pid i
+  if [[ ! -f "$pidfile" ]] || ! is_our_job "$(cat "$pidfile")" "$dir"; then
+    echo "[$(hostname)] no job running."
+    rm -f "$pidfile"
+    return 0
+  fi
+  pid="$(cat "$pidfile")"
+  kill -TERM "$pid"
+  for ((i = 0; i < 300; i++)); do
+    is_our_job "$pid" "$dir" || break
+    sleep 1
+  done
+  if is_our_job "$pid" "$dir"; then
+    kill -KILL "$pid"
+    echo "[$(hostname)] pid $pid did not stop within 300 s after SIGTERM; killed it."
+  else
+    echo "[$(hostname)] stopped pid $pid (checkpoint saved)."
+  fi
+  rm -f "$pidfile"
+}
+
+remote_logs() {  # dir, lines
+  echo "=== $(hostname) ==="
+  tail -n "$2" "$HOME/$1/run.log" 2>/dev/null || echo "(no log yet)"
+}
+
+remote_command() {  # function, its arguments -> a bash command line that runs it remotely
+  local fn="$1"; shift
+  printf '%s\n' "$(declare -f is_our_job setup_venv "$fn")"
+  printf '%q ' "$fn" "$@"
+}
+
+run_tpu() {
+  local action="${1:-}" project="${PROJECT_ID:-}" zone="${ZONE:-}" tpu="${TPU_NAME:-}"
+  local workdir="${WORKDIR:-}" tfds="${TFDS_DATA_DIR:-}"
+  [[ $# -gt 0 ]] && shift
+  while [[ $# -gt 0 ]]; do
+    case "$1" in
+      --project|--zone|--tpu|--workdir|--tfds_data_dir)
+        [[ $# -ge 2 ]] || die "$1 wants a value"; set -- "$1=$2" "${@:3}"; continue ;;
+      --project=*) project="${1#*=}" ;;
+      --zone=*) zone="${1#*=}" ;;
+      --tpu=*) tpu="${1#*=}" ;;
+      --workdir=*) workdir="${1#*=}" ;;
+      --tfds_data_dir=*) tfds="${1#*=}" ;;
+      *) break ;;
+    esac
+    shift
+  done
+  [[ -n "$tpu" ]] || die "tpu: name the TPU with --tpu NAME or TPU_NAME."
+  local where=(--worker=all)
+  [[ -z "$zone" ]] || where+=("--zone=$zone")
+  [[ -z "$project" ]] || where+=("--project=$project")
+  local ssh=(gcloud compute tpus tpu-vm ssh "$tpu" "${where[@]}")
+  case "$action" in
+    setup)
+      local archive; archive="$(mktemp -d)/qcsbm_jax.tar.gz"
+      tar -czf "$archive" -C "$ROOT" --exclude=./.venv --exclude=./runs --exclude=./.git \
+        --exclude=./.pytest_cache --exclude='*.egg-info' --exclude=__pycache__ .
+      gcloud compute tpus tpu-vm scp "$archive" "$tpu:qcsbm_jax.tar.gz" "${where[@]}"
+      rm -f "$archive"
+      "${ssh[@]}" --command="$(remote_command remote_setup "$REMOTE_DIR")" ;;
+    run)
+      [[ "$workdir" == gs://* ]] \
+        || die "tpu run: give --workdir gs://BUCKET/RUN (or WORKDIR); every worker writes there."
+      WORKDIR_DEFAULT="$workdir" job_args "$@"; shift "$SHIFT"
+      "${ssh[@]}" --command="$(remote_command remote_run "$REMOTE_DIR" "$tfds" "${ARGS[@]}" \
+        --distributed=tpu "$@")" ;;
+    stop) "${ssh[@]}" --command="$(remote_command remote_stop "$REMOTE_DIR")" ;;
+    logs) "${ssh[@]}" --command="$(remote_command remote_logs "$REMOTE_DIR" "${LOG_LINES:-50}")" ;;
+    *) die "tpu: unknown action '$action'; use setup, run, stop or logs." ;;
+  esac
+}
+
+# --- SLURM GPU clusters.
+
+run_slurm() {
+  local nodes=1 gpus=1 per=gpu srun_args=()
+  while [[ $# -gt 0 ]]; do
+    case "$1" in
+      --nodes|--gpus-per-node|--per|--srun-arg)
+        [[ $# -ge 2 ]] || die "$1 wants a value"; set -- "$1=$2" "${@:3}"; continue ;;
+      --nodes=*) nodes="${1#*=}" ;;
+      --gpus-per-node=*) gpus="${1#*=}" ;;
+      --per=*) per="${1#*=}" ;;
+      --srun-arg=*) srun_args+=("${1#*=}") ;;
+      *) break ;;
+    esac
+    shift
+  done
+  positive_int --nodes "$nodes"
+  positive_int --gpus-per-node "$gpus"
+  local tasks_per_node
+  case "$per" in
+    gpu) tasks_per_node="$gpus"; unset JAX_LOCAL_DEVICE_IDS ;;  # JAX picks GPU SLURM_LOCALID.
+    node) tasks_per_node=1; export JAX_LOCAL_DEVICE_IDS="$(seq -s, 0 $((gpus - 1)))" ;;
+    *) die "slurm: --per wants 'gpu' or 'node', got '$per'" ;;
+  esac
+  local extra=("${QCSBM_PIP_EXTRA-jax[cuda12]}")
+  [[ -n "${extra[0]}" ]] || extra=()
+  setup_venv "${extra[@]}"
+  job_args "$@"; shift "$SHIFT"
+  cd "$ROOT"
+  exec srun --nodes="$nodes" --ntasks-per-node="$tasks_per_node" --gpus-per-node="$gpus" \
+    --kill-on-bad-exit=1 "${srun_args[@]}" \
+    "$VENV/bin/python" -m qcsbm_jax.main "${ARGS[@]}" --distributed=slurm "$@"
 }
 
 main() {
@@ -54,6 +298,8 @@ main() {
   [[ $# -gt 0 ]] && shift
   case "$command" in
     local) setup_venv; run_local "$@" ;;
+    tpu) run_tpu "$@" ;;
+    slurm|gpu) run_slurm "$@" ;;
     test) setup_venv; cd "$ROOT"; exec "$VENV/bin/python" -m pytest -q "$@" ;;
     -h|--help|help) usage ;;
     "") usage; exit 2 ;;

@@ -7,10 +7,13 @@ For one sample with flattened dimension D and J = ds/dx (J_ij = ds_i/dx_j, D x D
 
 Hutchinson estimators of Asym for a probe v with E[v v^T] = I (unbiased for any such v):
 
-  'nonneg'  1/2 ||J^T v - J v||^2       one jvp + one vjp; never negative (default)
-  'jvp_vjp' ||J^T v||^2 - (J v).(J^T v)  one jvp + one vjp
+  'nonneg'  1/2 ||J^T v - J v||^2       J v and J^T v; never negative (default)
+  'jvp_vjp' ||J^T v||^2 - (J v).(J^T v)  J v and J^T v
   'two_vjp' ||J^T v||^2 - v.(J^T J^T v)  two vjps (the paper's PyTorch form)
   'exact'   Asym from the full Jacobian, D jvps (small D only)
+
+J v and J^T v come from one linearisation of f and its transpose (jacobian_products), so
+one primal pass serves the score, both products and the DSM term of the loss.
 
 'nonneg' is the default: it has the same mean as 'jvp_vjp' and the same cost, its
 per-probe values are never negative (a mini-batch penalty cannot reward asymmetry), and its
@@ -32,6 +35,7 @@ Field = Callable[[jax.Array], jax.Array]
 
 ESTIMATORS = ("nonneg", "jvp_vjp", "two_vjp", "exact")
 PROBES = ("rademacher", "gaussian")
+PRODUCTS = ("linearize", "separate")
 
 
 def _sum_per_sample(a: jax.Array) -> jax.Array:
@@ -49,15 +53,30 @@ def sample_probes(key: jax.Array, shape: tuple[int, ...], kind: str = "rademache
     raise ValueError(f"probe must be one of {PROBES}, got {kind!r}.")
 
 
-def jacobian_products(f: Field, x: jax.Array, v: jax.Array):
-    """Returns (f(x), J v, J^T v), each [B, *S], from one jvp and one vjp."""
-    out, jv = jax.jvp(f, (x,), (v,))
-    _, vjp_fn = jax.vjp(f, x)
-    (jtv,) = vjp_fn(v)
-    return out, jv, jtv
+def jacobian_products(f: Field, x: jax.Array, v: jax.Array, method: str = "linearize"):
+    """Returns (f(x), J v, J^T v), each [B, *S].
+
+    method 'linearize' (default): one jax.linearize of f at x gives J v, and transposing
+      that linear map gives J^T v, so one primal pass and one set of residuals serve both.
+    method 'separate': jax.jvp and jax.vjp, each tracing its own primal pass (XLA merges
+      part of the duplicate work). Kept as the baseline benchmarks/run.py compares
+      against: 'linearize' compiles to fewer convolutions and runs the QC train step
+      faster (docs/benchmarks.md).
+    """
+    if method == "linearize":
+        out, linear = jax.linearize(f, x)
+        (jtv,) = jax.linear_transpose(linear, x)(v)
+        return out, linear(v), jtv
+    if method == "separate":
+        out, jv = jax.jvp(f, (x,), (v,))
+        _, vjp_fn = jax.vjp(f, x)
+        (jtv,) = vjp_fn(v)
+        return out, jv, jtv
+    raise ValueError(f"method must be one of {PRODUCTS}, got {method!r}.")
 
 
-def hutchinson_asymmetry(f: Field, x: jax.Array, v: jax.Array, estimator: str = "nonneg"):
+def hutchinson_asymmetry(f: Field, x: jax.Array, v: jax.Array, estimator: str = "nonneg",
+                         method: str = "linearize"):
     """One-probe estimate of Asym per sample.
 
     Args:
@@ -65,6 +84,7 @@ def hutchinson_asymmetry(f: Field, x: jax.Array, v: jax.Array, estimator: str = 
       x: [B, *S] points.
       v: [B, *S] probes with E[v v^T] = I.
       estimator: 'nonneg', 'jvp_vjp' or 'two_vjp'.
+      method: how 'nonneg' and 'jvp_vjp' get J v and J^T v (jacobian_products).
     Returns:
       (f(x) [B, *S], estimate [B]).
     """
@@ -73,7 +93,7 @@ def hutchinson_asymmetry(f: Field, x: jax.Array, v: jax.Array, estimator: str = 
         (jtv,) = vjp_fn(v)
         (jtjtv,) = vjp_fn(jtv)
         return out, _sum_per_sample(jtv * jtv - v * jtjtv)
-    out, jv, jtv = jacobian_products(f, x, v)
+    out, jv, jtv = jacobian_products(f, x, v, method)
     if estimator == "nonneg":
         return out, 0.5 * _sum_per_sample(jnp.square(jtv - jv))
     if estimator == "jvp_vjp":
@@ -117,7 +137,8 @@ def normalized_asymmetry(jacobian: jax.Array) -> jax.Array:
 
 def asymmetry_penalty(field: Callable[[jax.Array, jax.Array], jax.Array], x: jax.Array,
                       t: jax.Array, key: jax.Array, *, estimator: str = "nonneg",
-                      probe: str = "rademacher", num_probes: int = 1):
+                      probe: str = "rademacher", num_probes: int = 1,
+                      method: str = "linearize"):
     """The QC penalty per sample, and the field's value for reuse by the DSM term.
 
     Args:
@@ -126,6 +147,7 @@ def asymmetry_penalty(field: Callable[[jax.Array, jax.Array], jax.Array], x: jax
       key: probe key (unused by 'exact').
       num_probes: K; each sample is copied K times with one probe per copy, as in the
         paper, and the K estimates are averaged.
+      method: how J v and J^T v are computed (jacobian_products).
     Returns:
       (field(x, t) [B, *S], penalty [B]).
     """
@@ -135,7 +157,8 @@ def asymmetry_penalty(field: Callable[[jax.Array, jax.Array], jax.Array], x: jax
     copies_x = jnp.repeat(x, num_probes, axis=0)
     copies_t = jnp.repeat(t, num_probes, axis=0)
     v = sample_probes(key, copies_x.shape, probe, x.dtype)
-    out, estimate = hutchinson_asymmetry(lambda y: field(y, copies_t), copies_x, v, estimator)
+    out, estimate = hutchinson_asymmetry(lambda y: field(y, copies_t), copies_x, v, estimator,
+                                         method)
     return out[::num_probes], estimate.reshape(x.shape[0], num_probes).mean(axis=1)
 
 

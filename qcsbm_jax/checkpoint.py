@@ -2,6 +2,8 @@
 
 Layout: WORKDIR/checkpoints/<step>/{state, metadata}. `state` is the training pytree
 (orbax StandardSave), `metadata` a JSON dict (the run's config and model signature).
+A read-only Checkpointer restores parts of a stored state (e.g. only the parameters of
+another run, for a fine-tune) without reading the rest.
 Orbax writes each step to `<step>.orbax-checkpoint-tmp` and renames it when complete, so
 a killed save leaves no finalized step; such leftovers are ignored, never deleted here.
 Typed PRNG keys are stored as their uint32 key data and re-wrapped with the dtype of the
@@ -22,6 +24,7 @@ STATE = "state"
 METADATA = "metadata"
 RESTORED_FROM = "restored_from"  # Added to restored metadata: the step directory read.
 _MAX_LISTED = 10
+READ_ONLY_ADVICE = "Point at another run of this model (same network, family and data)."
 # What orbax/tensorstore raise for missing, truncated or garbled files. Anything else
 # (e.g. running out of device memory) is not a damaged checkpoint and propagates as is.
 _READ_ERRORS = (OSError, ValueError, KeyError)
@@ -94,19 +97,22 @@ def _fresh_start_advice(checkpoints_dir: str) -> str:
             "this run from scratch.")
 
 
-def check_compatible(saved_metadata: dict, current_metadata: dict) -> None:
+def check_compatible(saved_metadata: dict, current_metadata: dict,
+                     advice: str | None = None) -> None:
     """Raises IncompatibleCheckpointError unless both model signatures agree.
 
     Only metadata['signature'] is compared (model, family, parameter shapes, ...); other
-    config changes such as the learning rate are allowed when resuming.
+    config changes such as the learning rate are allowed when resuming. advice: what the
+    message tells the user to do (default: start this run in a fresh workdir).
     """
     as_json = lambda m: json.loads(json.dumps(m.get("signature", "missing")))
     lines = _differences(as_json(saved_metadata), as_json(current_metadata), "signature")
     if lines:
         step_dir = saved_metadata.get(RESTORED_FROM, "WORKDIR/checkpoints/STEP")
+        advice = advice or _fresh_start_advice(os.path.dirname(step_dir))
         raise IncompatibleCheckpointError(
             f"The checkpoint {step_dir} was written by a different model; its signature "
-            f"differs in:{_listing(lines)}\n{_fresh_start_advice(os.path.dirname(step_dir))}")
+            f"differs in:{_listing(lines)}\n{advice}")
 
 
 class Checkpointer:
@@ -114,18 +120,27 @@ class Checkpointer:
 
     Use as a context manager, or call close(): it waits for a pending async save, whose
     step is otherwise left unfinalized (and ignored) if the process exits first.
+
+    read_only: for reading another run. Nothing is created or saved, and restore() takes
+    a dict holding only some top-level entries of the stored state (e.g. {'params': ...,
+    'ema_params': ...}); only those are read.
     """
 
     def __init__(self, workdir: str, *, max_to_keep: int = 3, save_interval_steps: int = 1,
-                 async_save: bool = True):
+                 async_save: bool = True, read_only: bool = False):
         self.directory = os.path.join(os.fspath(workdir), "checkpoints")
+        self._read_only = read_only
+        self._advice = (READ_ONLY_ADVICE if read_only
+                        else _fresh_start_advice(self.directory))
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, save_interval_steps=save_interval_steps,
-            enable_async_checkpointing=async_save, create=True)
+            enable_async_checkpointing=async_save, create=not read_only, read_only=read_only)
+        # Both handlers read the same files; only the PyTree one restores a subtree.
+        state_handler = (ocp.PyTreeCheckpointHandler() if read_only
+                         else ocp.StandardCheckpointHandler())
         self._manager = ocp.CheckpointManager(
             self.directory, options=options,
-            item_handlers={STATE: ocp.StandardCheckpointHandler(),
-                           METADATA: ocp.JsonCheckpointHandler()})
+            item_handlers={STATE: state_handler, METADATA: ocp.JsonCheckpointHandler()})
 
     def __enter__(self) -> "Checkpointer":
         return self
@@ -150,6 +165,8 @@ class Checkpointer:
         The arrays are copied before this returns, so the caller may donate or delete
         them; with async_save the files are written in the background (see wait()).
         """
+        if self._read_only:
+            raise CheckpointError(f"{self.directory} was opened read-only; nothing is saved.")
         args = ocp.args.Composite(**{STATE: ocp.args.StandardSave(_unwrap_keys(state)),
                                      METADATA: ocp.args.JsonSave(metadata)})
         try:
@@ -161,8 +178,9 @@ class Checkpointer:
 
     def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict]:
         """Restores `step` (default: the newest) onto the shapes, dtypes and shardings of
-        `abstract_state` (ShapeDtypeStructs or arrays). Returns (state, metadata), the
-        metadata with RESTORED_FROM added.
+        `abstract_state` (ShapeDtypeStructs or arrays; read-only: a dict of some top-level
+        entries, leaves without a sharding come back as NumPy arrays). Returns (state,
+        metadata), the metadata with RESTORED_FROM added.
 
         Raises IncompatibleCheckpointError if the stored tree does not match the target,
         CorruptCheckpointError if the step directory cannot be read.
@@ -170,8 +188,13 @@ class Checkpointer:
         step = self._existing_step(step)
         target = _storage_target(abstract_state)
         self._check_fits(step, target)
-        args = ocp.args.Composite(**{STATE: ocp.args.StandardRestore(target),
-                                     METADATA: ocp.args.JsonRestore()})
+        if self._read_only:
+            state_args = ocp.args.PyTreeRestore(
+                target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                partial_restore=True)
+        else:
+            state_args = ocp.args.StandardRestore(target)
+        args = ocp.args.Composite(**{STATE: state_args, METADATA: ocp.args.JsonRestore()})
         try:
             restored = self._manager.restore(step, args=args)
             metadata = dict(restored[METADATA])
@@ -190,7 +213,7 @@ class Checkpointer:
                 logging.warning("%s Trying the previous step.", e)
         raise CorruptCheckpointError(
             f"Every checkpoint in {self.directory} (steps {steps}) is damaged; see the "
-            f"warnings above. {_fresh_start_advice(self.directory)}")
+            f"warnings above. {self._advice}")
 
     def wait(self) -> None:
         """Blocks until pending async saves are finalized."""
@@ -226,12 +249,15 @@ class Checkpointer:
             raise self._corrupt(step, e) from e
         if stored is None:
             raise self._corrupt(step, FileNotFoundError("no readable state metadata"))
-        lines = _differences(_describe(stored.tree), _describe(target))
+        stored = stored.tree
+        if self._read_only:
+            stored = {key: value for key, value in stored.items() if key in target}
+        lines = _differences(_describe(stored), _describe(target))
         if lines:
             raise IncompatibleCheckpointError(
                 f"The checkpoint {self.step_dir(step)} does not fit the state being "
                 f"restored ({len(lines)} differences):{_listing(lines)}\nIt was probably "
-                f"written by another model or config. {_fresh_start_advice(self.directory)}")
+                f"written by another model or config. {self._advice}")
 
     def _corrupt(self, step: int, error: Exception) -> CorruptCheckpointError:
         reason = (str(error).splitlines() or [""])[0][:300]

@@ -1,13 +1,15 @@
 """Experiment configurations: the defaults every config file starts from, and validation.
 
-Config files in configs/ are a few lines that call `toy_config` (or later builders) with
-the paper's settings; `--config.a.b=value` overrides then apply to the locked result, so a
+Config files in configs/ are a few lines that call `toy_config` or `image_config` with the
+paper's settings; `--config.a.b=value` overrides then apply to the locked result, so a
 misspelt key fails at once with the list of valid keys.
 """
 
 import ml_collections
 
-from qcsbm_jax import asymmetry, losses, score
+from qcsbm_jax import asymmetry, losses, models, score
+from qcsbm_jax.data import images
+from qcsbm_jax.data.images import IMAGE_DATASETS
 from qcsbm_jax.data.toy import TOY_DATASETS
 
 TOY_FAMILIES = {
@@ -15,6 +17,17 @@ TOY_FAMILIES = {
     "csbm": ("constrained", 0.0, "nonneg"),
     "usbm": ("unconstrained", 0.0, "nonneg"),
     "qcsbm": ("unconstrained", 0.1, "exact"),
+}
+IMAGE_FAMILIES = {
+    # name: (model.family, loss.qc_weight); the penalty uses the 'nonneg' Hutchinson estimator.
+    "csbm": ("constrained", 0.0),
+    "usbm": ("unconstrained", 0.0),
+    "qcsbm": ("unconstrained", 1e-4),
+}
+IMAGE_MODELS = {
+    # model.name: (network preset, SDE); DDPM++ is the VP/sub-VP network of Song et al. 2021.
+    "ncsnpp": ("NCSNPP_DEEP", dict(name="ve", sigma_min=0.01, sigma_max=50.0)),
+    "ddpmpp": ("DDPMPP_DEEP", dict(name="vp", beta_min=0.1, beta_max=20.0)),
 }
 
 
@@ -40,13 +53,14 @@ def toy_config(dataset: str, family: str, variant: str | None = None) -> ml_coll
     c.optim = dict(learning_rate=7.5e-4, warmup_steps=0, grad_clip=1.0, b1=0.9, b2=0.999,
                    adam_eps=1e-8, ema_decay=0.0)
     c.training = dict(batch_size=5000, num_steps=4000 if dataset == "checkerboard" else 2000,
-                      log_every=100, checkpoint_every=500, keep_checkpoints=3)
+                      log_every=100, checkpoint_every=500, keep_checkpoints=3,
+                      init_from="")
     c.sampling = dict(method="ode", num_samples=5000, rtol=1e-3, atol=1e-5, eps=1e-5,
                       predictor="reverse_diffusion", corrector="langevin", snr=0.16,
                       num_steps=1000, corrector_steps=1, denoise=True, batch_size=5000)
     c.eval = dict(num_points=50_000, num_levels=10, batch_size=5000, rtol=1e-3, atol=1e-5,
                   eps=1e-5, divergence="exact", score_error_points=5000, num_samples=5000,
-                  pr_k=3, seed=1)
+                  pr_k=3, seed=1, watch=False, watch_timeout=0)
     c.parallel = dict(data_axis=-1, model_axis=1)
 
     if variant == "smoke":
@@ -57,6 +71,75 @@ def toy_config(dataset: str, family: str, variant: str | None = None) -> ml_coll
                       num_samples=256, rtol=1e-2, atol=1e-3)
     elif variant is not None:
         raise ValueError(f"Unknown config variant {variant!r}; valid: 'smoke' or none.")
+    c.lock()
+    return c
+
+
+def image_config(dataset: str, family: str, variant: str | None = None,
+                 model: str = "ncsnpp") -> ml_collections.ConfigDict:
+    """The paper's image setting (PAPER.md, experiment 3) for one data set and model family.
+
+    QCSBM fine-tunes a trained USBM (training.init_from = runs/<dataset>_usbm_<model>, the
+    workdir `launch/run.sh local` gives that config) for 100k steps with lambda = 1e-4.
+    variant: None for the paper's settings; 'small' for a network that trains on a CPU in
+    minutes (its init_from is the small USBM's workdir, runs/<dataset>_usbm_<model>_small);
+    'smoke' for a seconds-long test run.
+    """
+    if dataset not in IMAGE_DATASETS:
+        raise ValueError(f"Unknown image data set {dataset!r}; valid: {IMAGE_DATASETS}.")
+    if family not in IMAGE_FAMILIES:
+        raise ValueError(f"Unknown family {family!r}; valid: {sorted(IMAGE_FAMILIES)}.")
+    if model not in IMAGE_MODELS:
+        raise ValueError(f"Unknown image model {model!r}; valid: {sorted(IMAGE_MODELS)}.")
+    model_family, qc_weight = IMAGE_FAMILIES[family]
+    preset, sde = IMAGE_MODELS[model]
+    fine_tune = family == "qcsbm"
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+
+    c.data = dict(name=dataset, data_dir="", fashion_mnist_dir=images.FASHION_MNIST_DIR,
+                  centered=False, random_flip=True, seed=0)
+    c.sde = dict(name="ve", sigma_min=0.01, sigma_max=50.0, beta_min=0.1, beta_max=20.0)
+    c.sde.update(sde)
+    c.model = {**getattr(models, preset), "name": model, "family": model_family,
+               "output": "scaled", "center_input": not c.data.centered}
+    c.loss = dict(weighting="sigma2", qc_weight=qc_weight, estimator="nonneg",
+                  probe="rademacher", num_probes=1, eps=1e-5)
+    c.optim = dict(learning_rate=2e-4, warmup_steps=5000, grad_clip=1.0, b1=0.9, b2=0.999,
+                   adam_eps=1e-8, ema_decay=0.999)
+    c.training = dict(batch_size=128, num_steps=100_000 if fine_tune else 1_300_000,
+                      log_every=100, checkpoint_every=10_000, keep_checkpoints=3,
+                      init_from=f"runs/{dataset}_usbm_{model}" if fine_tune else "")
+    sampling_eps = 1e-5 if c.sde.name == "ve" else 1e-3
+    c.sampling = dict(method="pc", num_samples=50_000, rtol=1e-5, atol=1e-5, eps=sampling_eps,
+                      predictor="reverse_diffusion", corrector="langevin", snr=0.16,
+                      num_steps=1000, corrector_steps=1, denoise=True, batch_size=500)
+    c.eval = dict(num_test=0, num_levels=100, batch_size=500, rtol=1e-5, atol=1e-5, eps=1e-5,
+                  divergence="hutchinson", num_samples=64, seed=1, watch=False,
+                  watch_timeout=0)
+    c.parallel = dict(data_axis=-1, model_axis=1)
+
+    if variant == "small":
+        c.model.update(nf=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(8,),
+                       dropout=0.0)
+        c.optim.update(learning_rate=1e-3, warmup_steps=200)
+        c.training.update(batch_size=64, num_steps=2000 if fine_tune else 6000,
+                          checkpoint_every=500)
+        if fine_tune:
+            c.training.init_from += "_small"
+        c.sampling.update(num_samples=64, batch_size=64)
+        c.eval.update(num_test=1000, batch_size=100)
+    elif variant == "smoke":
+        c.model.update(nf=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(16,),
+                       dropout=0.1)
+        c.optim.update(warmup_steps=0)
+        c.training.update(batch_size=8, num_steps=4, log_every=2, checkpoint_every=2,
+                          init_from="")
+        c.sampling.update(num_samples=8, batch_size=8, num_steps=4, rtol=1e-2, atol=1e-2)
+        c.eval.update(num_test=8, batch_size=8, num_levels=3, rtol=1e-2, atol=1e-2,
+                      num_samples=8)
+    elif variant is not None:
+        raise ValueError(f"Unknown config variant {variant!r}; valid: 'small', 'smoke' or none.")
     c.lock()
     return c
 

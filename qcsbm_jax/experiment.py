@@ -8,6 +8,7 @@ import ml_collections
 import numpy as np
 
 from qcsbm_jax import models, score, sde as sde_lib
+from qcsbm_jax.data import images
 from qcsbm_jax.data.toy import TOY_DATASETS
 
 
@@ -25,9 +26,13 @@ class ScoreModel:
 
 
 def data_shape(config: ml_collections.ConfigDict) -> tuple[int, ...]:
+    """The shape of one example: (2,) for toy data, (H, W, C) for images."""
     if config.data.name in TOY_DATASETS:
         return (2,)
-    raise ValueError(f"Unknown data.name {config.data.name!r}; valid: {TOY_DATASETS}.")
+    if config.data.name in images.IMAGE_DATASETS:
+        return images.image_shape(config.data.name)
+    raise ValueError(f"Unknown data.name {config.data.name!r}; valid: "
+                     f"{TOY_DATASETS + images.IMAGE_DATASETS}.")
 
 
 def build_score_model(config: ml_collections.ConfigDict) -> ScoreModel:

@@ -13,7 +13,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from qcsbm_jax import asymmetry, ode
+from qcsbm_jax import ode
 from qcsbm_jax.sampling import probability_flow_drift
 
 DIVERGENCES = ("exact", "hutchinson")
@@ -34,17 +34,16 @@ def _hutchinson_divergence(drift, x, t, v):
     return out, jnp.sum(v * jv)
 
 
-def ode_log_likelihood(key: jax.Array, params, x: jax.Array, *, score_fn, sde,
-                       divergence: str = "exact", probe: str = "rademacher",
-                       rtol: float = 1e-5, atol: float = 1e-5, eps: float = 1e-5,
-                       max_steps: int = ode.DEFAULT_MAX_STEPS):
+def ode_log_likelihood(params, x: jax.Array, *, score_fn, sde, divergence: str = "exact",
+                       probes: jax.Array | None = None, rtol: float = 1e-5, atol: float = 1e-5,
+                       eps: float = 1e-5, max_steps: int = ode.DEFAULT_MAX_STEPS):
     """Negative log-likelihood of x [B, *S] under the model's p_eps, in nats.
 
     divergence: 'exact' (trace of the Jacobian, one jvp per dimension of S: small data
-      only) or 'hutchinson' (v^T J v with one probe v per sample, fixed for the whole
-      solve; unbiased for E[v v^T] = I). probe: 'rademacher' | 'gaussian'.
-    key: draws the probes [B, *S] at once (unused for 'exact'), so a sample's probe
-      depends on its row in x: give each shard its own key (e.g. fold_in a shard index).
+      only; probes must be None) or 'hutchinson' (v^T J v with probes[b] for sample b,
+      fixed for the whole solve; unbiased when E[v v^T] = I).
+    probes: [B, *S], e.g. asymmetry.sample_probes drawn per example from a key derived
+      from the example's index, so that a sample's value does not depend on its batch.
     Each sample is integrated from eps to T on its own (ode.solve under vmap), with
     score_fn called on a batch of one and key None.
     Returns (nll [B], z [B, *S] the ODE image at T, nfe [B] int32: evaluations of the
@@ -53,12 +52,18 @@ def ode_log_likelihood(key: jax.Array, params, x: jax.Array, *, score_fn, sde,
     """
     if divergence not in DIVERGENCES:
         raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}.")
+    if (divergence == "hutchinson") != (probes is not None):
+        raise ValueError("Pass probes [B, *S] with divergence='hutchinson', and only then "
+                         f"(got divergence={divergence!r}, probes "
+                         f"{'given' if probes is not None else 'None'}).")
+    if probes is not None and probes.shape != x.shape:
+        raise ValueError(f"probes must have the shape of x {x.shape}; got {probes.shape}.")
     drift = probability_flow_drift(score_fn, sde, params)
 
     def one(x0, v):
         def rhs(t, state):
             y, _ = state
-            if divergence == "exact":
+            if v is None:
                 return _exact_divergence(drift, y, t)
             return _hutchinson_divergence(drift, y, t, v)
 
@@ -66,10 +71,10 @@ def ode_log_likelihood(key: jax.Array, params, x: jax.Array, *, score_fn, sde,
                                        rtol=rtol, atol=atol, max_steps=max_steps)
         return z, integral, nfe
 
-    if divergence == "exact":
+    if probes is None:
         z, integral, nfe = jax.vmap(lambda x0: one(x0, None))(x)
     else:
-        z, integral, nfe = jax.vmap(one)(x, asymmetry.sample_probes(key, x.shape, probe, x.dtype))
+        z, integral, nfe = jax.vmap(one)(x, probes)
     return -(sde.prior_logp(z) + integral), z, nfe
 
 
@@ -97,3 +102,20 @@ def uniform_dequantize(key: jax.Array, x: jax.Array, num_bins: int = 256) -> jax
     per entry: a sample in the cell [k / num_bins, (k + 1) / num_bins). Same shape as x."""
     k = jnp.round(x * (num_bins - 1))
     return (k + jax.random.uniform(key, x.shape, x.dtype)) / num_bins
+
+
+def image_data_scale(centered: bool) -> float:
+    """data_scale of bits_per_dim for images in [0, 1] (1) or centered to [-1, 1] (2)."""
+    return 2.0 if centered else 1.0
+
+
+def dequantize_images(keys: jax.Array, images: jax.Array, centered: bool) -> jax.Array:
+    """Model inputs [B, *S] float32 from 8-bit images [B, *S] (uint8, values k in 0..255).
+
+    Example b becomes (k + u) / 256 with u ~ U[0, 1) per entry drawn from keys[b] (keys
+    [B], typed), so its noise does not depend on the batch it is in; centered maps the
+    result to 2 x - 1 in [-1, 1). The density of these inputs gives bits/dim through
+    bits_per_dim(nll, D, data_scale=image_data_scale(centered)).
+    """
+    unit = jax.vmap(uniform_dequantize)(keys, jnp.asarray(images, jnp.float32) / 255.0)
+    return 2.0 * unit - 1.0 if centered else unit

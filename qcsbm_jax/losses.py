@@ -8,17 +8,35 @@ For x0 ~ data, t ~ U(eps, 1), z ~ N(0, I), x_t = mean(x0, t) + std(t) z:
 
 The penalty is evaluated at the same x_t and t as the DSM term, and the score value of its
 primal pass is the one the DSM term uses (one network evaluation serves both).
+
+A train step with the penalty on every sample costs about 3x a DSM step (the penalty needs
+J v and J^T v, and their gradient; docs/benchmarks.md). Two unbiased ways to pay less:
+  qc_fraction f: the penalty on the first ceil(f B) samples only. The batch is random, so
+    their mean estimates the same expectation; the other samples get a plain forward pass.
+  qc_every k: the penalty only on steps with step % k == 0, multiplied by k there. Its
+    average over any k consecutive steps, and so its expected gradient over training, is
+    the full penalty's, and qc_weight keeps its meaning for every k. The k-times larger
+    gradient on penalty steps is what clipping and Adam see: fine while the penalty's
+    gradient is small next to the DSM gradient (lambda = 1e-4 on images). The loss then
+    takes the step and is differentiable with respect to params only.
+remat: 'dots' or 'full' wraps the score function in jax.checkpoint, saving only matmul and
+convolution outputs ('dots') or nothing ('full') for the backward pass: less memory, more
+compute.
 """
 
+import math
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from qcsbm_jax import asymmetry
 from qcsbm_jax.score import ScoreFn
 
 WEIGHTINGS = ("sigma2", "likelihood")
+REMAT_POLICIES = {"none": None, "dots": jax.checkpoint_policies.dots_saveable,
+                  "full": jax.checkpoint_policies.nothing_saveable}
 
 
 def _per_sample(a: jax.Array, x: jax.Array) -> jax.Array:
@@ -32,44 +50,123 @@ def dsm_per_sample(score: jax.Array, z: jax.Array, std: jax.Array,
     return 0.5 * weight * jnp.sum(jnp.square(residual), axis=tuple(range(1, z.ndim)))
 
 
-def make_loss_fn(score_fn: ScoreFn, sde, *, weighting: str = "sigma2",
-                 qc_weight: float = 0.0, estimator: str = "nonneg",
-                 probe: str = "rademacher", num_probes: int = 1,
-                 eps: float = 1e-5) -> Callable:
-    """Returns `loss_fn(params, x0, key) -> (loss, metrics)` for a batch x0 [B, *S].
+def num_penalised(batch_size: int, qc_fraction: float) -> int:
+    """ceil(qc_fraction * batch_size), at least 1 (rounding noise in the product ignored)."""
+    return max(1, min(batch_size, math.ceil(round(qc_fraction * batch_size, 6))))
 
-    metrics: 'loss', 'dsm' and, when qc_weight > 0, 'qc' (the mean unweighted penalty).
-    """
+
+def _check_options(weighting, estimator, qc_fraction, qc_every, jacobian_method, remat):
     if weighting not in WEIGHTINGS:
         raise ValueError(f"loss.weighting must be one of {WEIGHTINGS}, got {weighting!r}.")
     if estimator not in asymmetry.ESTIMATORS:
         raise ValueError(
             f"loss.estimator must be one of {asymmetry.ESTIMATORS}, got {estimator!r}.")
+    if not 0 < qc_fraction <= 1:
+        raise ValueError(f"loss.qc_fraction must be in (0, 1], got {qc_fraction!r}.")
+    if not isinstance(qc_every, int) or qc_every < 1:
+        raise ValueError(f"loss.qc_every must be an integer >= 1, got {qc_every!r}.")
+    if jacobian_method not in asymmetry.PRODUCTS:
+        raise ValueError(f"loss.jacobian_method must be one of {asymmetry.PRODUCTS}, "
+                         f"got {jacobian_method!r}.")
+    if remat not in REMAT_POLICIES:
+        raise ValueError(f"loss.remat must be one of {tuple(REMAT_POLICIES)}, got {remat!r}.")
 
-    def loss_fn(params, x0, key):
+
+def make_loss_fn(score_fn: ScoreFn, sde, *, weighting: str = "sigma2",
+                 qc_weight: float = 0.0, estimator: str = "nonneg",
+                 probe: str = "rademacher", num_probes: int = 1, qc_fraction: float = 1.0,
+                 qc_every: int = 1, jacobian_method: str = "linearize", remat: str = "none",
+                 eps: float = 1e-5) -> Callable:
+    """Returns `loss_fn(params, x0, key, step=None) -> (loss, metrics)` for a batch x0 [B, *S].
+
+    step: the train step (integer scalar), required when qc_every > 1; the loss is then
+    differentiable with respect to params only (see _every_k_steps).
+    metrics: 'loss', 'dsm' and, when qc_weight > 0, 'qc': the mean unweighted penalty of
+    the penalised samples (with qc_every = k: k times that on penalty steps, 0 on the
+    others, so that its average over k consecutive steps estimates the mean penalty).
+    """
+    _check_options(weighting, estimator, qc_fraction, qc_every, jacobian_method, remat)
+    if remat != "none":
+        score_fn = jax.checkpoint(score_fn, policy=REMAT_POLICIES[remat])
+
+    def penalised(field, x_t, t, std, probe_key, scale):
+        """(score [B, *S], scale * mean std^2 penalty, scale * mean penalty) over the
+        first ceil(qc_fraction B) samples; a plain forward pass for the others."""
+        m = num_penalised(x_t.shape[0], qc_fraction)
+        score, penalty = asymmetry.asymmetry_penalty(
+            field, x_t[:m], t[:m], probe_key, estimator=estimator, probe=probe,
+            num_probes=num_probes, method=jacobian_method)
+        if m < x_t.shape[0]:
+            score = jnp.concatenate([score, field(x_t[m:], t[m:], rest=True)])
+        return (score, scale * jnp.mean(jnp.square(std[:m]) * penalty),
+                scale * jnp.mean(penalty))
+
+    def batch_loss(params, x0, key, penalty_scale: float):
+        """(loss, metrics) with the penalty times penalty_scale; 0: no penalty pass."""
         t_key, z_key, dropout_key, probe_key = jax.random.split(key, 4)
         t = jax.random.uniform(t_key, (x0.shape[0],), minval=eps, maxval=1.0)
         z = jax.random.normal(z_key, x0.shape, x0.dtype)
         mean, std = sde.marginal_mean_std(x0, t)
         x_t = mean + _per_sample(std, x0) * z
 
-        def field(x, times):
-            return score_fn(params, x, times, dropout_key)
+        def field(x, times, rest=False):
+            """The score; samples outside the penalised part draw their own dropout."""
+            return score_fn(params, x, times,
+                            jax.random.fold_in(dropout_key, 1) if rest else dropout_key)
 
-        if qc_weight > 0:
-            score, penalty = asymmetry.asymmetry_penalty(
-                field, x_t, t, probe_key, estimator=estimator, probe=probe,
-                num_probes=num_probes)
+        if penalty_scale:
+            score, weighted_qc, qc = penalised(field, x_t, t, std, probe_key, penalty_scale)
         else:
             score = field(x_t, t)
+            weighted_qc = qc = jnp.zeros((), x_t.dtype)
         weight = jnp.square(std) if weighting == "sigma2" else jnp.square(sde.sde(x_t, t)[1])
         dsm = jnp.mean(dsm_per_sample(score, z, std, weight))
         metrics = {"dsm": dsm}
         loss = dsm
         if qc_weight > 0:
-            metrics["qc"] = jnp.mean(penalty)
-            loss = dsm + qc_weight * jnp.mean(jnp.square(std) * penalty)
+            metrics["qc"] = qc
+            loss = dsm + qc_weight * weighted_qc
         metrics["loss"] = loss
         return loss, metrics
 
+    if qc_weight == 0 or qc_every == 1:
+        scale = 1.0 if qc_weight > 0 else 0.0
+
+        def loss_fn(params, x0, key, step=None):
+            del step  # Every step is alike.
+            return batch_loss(params, x0, key, scale)
+
+        return loss_fn
+    return _every_k_steps(lambda *args: batch_loss(*args, float(qc_every)),
+                          lambda *args: batch_loss(*args, 0.0), qc_every)
+
+
+def _every_k_steps(penalised_loss: Callable, plain_loss: Callable, every: int) -> Callable:
+    """loss_fn(params, x0, key, step): penalised_loss when step % every == 0, else plain_loss.
+
+    Differentiating a lax.cond makes both branches pay for the penalty's residuals (the
+    off steps measured as slow as penalty steps), so the gradient is computed inside the
+    cond instead, in the forward pass of a custom VJP, and only scaled in the backward
+    pass. Gradients flow to params only; x0, key and step get none.
+    """
+    def select(params, x0, key, step, transform):
+        if step is None:
+            raise ValueError("loss.qc_every > 1 needs the train step: call "
+                             "loss_fn(params, x0, key, step).")
+        return lax.cond(step % every == 0, transform(penalised_loss), transform(plain_loss),
+                        params, x0, key)
+
+    @jax.custom_vjp
+    def loss_fn(params, x0, key, step=None):
+        return select(params, x0, key, step, lambda fn: fn)
+
+    def forward(params, x0, key, step):
+        return select(params, x0, key, step,
+                      lambda fn: jax.value_and_grad(fn, has_aux=True))
+
+    def backward(grads, cotangents):
+        loss_cotangent, _ = cotangents
+        return jax.tree.map(lambda g: loss_cotangent * g, grads), None, None, None
+
+    loss_fn.defvjp(forward, backward)
     return loss_fn

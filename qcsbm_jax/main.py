@@ -3,12 +3,19 @@
 Modes: train (resumes from DIR when it holds checkpoints), eval (writes
 DIR/eval/metrics.json and plots), sample (writes DIR/samples/samples.npz and a PNG), and
 all (train, then eval, then sample). Any config value can be overridden with
---config.a.b=value; an unknown key is an error that lists the valid ones.
+--config.a.b=value; an unknown key is an error that lists the valid ones. DIR may be a
+local path or a gs:// URL.
+
+Several processes (hosts) run the same command; JAX's distributed runtime starts when the
+job has several: on a TPU pod (--distributed=tpu), under srun (detected), or with
+--coordinator_address, --num_processes and --process_id. A pre-empted run (SIGTERM) saves
+a checkpoint and exits with status 143 (train.PREEMPTED_EXIT_CODE); rerun to resume.
 """
 
 import importlib.util
 import logging as std_logging
 import os
+import signal
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -18,6 +25,18 @@ _CONFIG = config_flags.DEFINE_config_file(
     lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs, results.")
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "sample", "all"], "What to run.")
+_DISTRIBUTED = flags.DEFINE_enum(
+    "distributed", "auto", ["auto", "slurm", "tpu", "off"],
+    "Multi-process set-up: auto (the explicit flags below, a SLURM step with several tasks, "
+    "or a GKE TPU slice), slurm (srun), tpu (Cloud TPU VM pod), off (one process).")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "HOST:PORT of process 0, for an explicit multi-process job.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process, 0 .. num_processes-1.")
+_HEARTBEAT = flags.DEFINE_integer(
+    "heartbeat_timeout_s", 100,
+    "Multi-process jobs: seconds after which a silent process counts as dead and the "
+    "others stop with an error.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -33,15 +52,29 @@ def main(argv):
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     logging.get_absl_handler().addFilter(_QuietCheckpointing())
     # Imported here so that `--help` and flag errors are instant.
+    from qcsbm_jax import parallel
+
+    try:  # Before anything touches a JAX backend.
+        parallel.initialize_distributed(
+            _DISTRIBUTED.value, coordinator_address=_COORDINATOR.value,
+            num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value,
+            heartbeat_timeout_s=_HEARTBEAT.value)
+    except ValueError as error:
+        raise app.UsageError(str(error)) from None
     from qcsbm_jax import config as config_lib, evaluate, train
 
     config = _CONFIG.value
     config_lib.validate(config)
-    workdir = os.path.abspath(_WORKDIR.value)
-    os.makedirs(workdir, exist_ok=True)
+    workdir = _WORKDIR.value
+    if "://" not in workdir:  # A local path; URLs such as gs://bucket/run are kept as is.
+        workdir = os.path.abspath(workdir)
+        os.makedirs(workdir, exist_ok=True)
     mode = _MODE.value
     if mode in ("train", "all"):
         train.train(config, workdir)
+    # Only training saves on SIGTERM; from here on SIGTERM simply ends the program (in a
+    # multi-process job JAX's pre-emption service would otherwise catch and ignore it).
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     if mode in ("eval", "all"):
         metrics = evaluate.evaluate(config, workdir)
         logging.info("Metrics: %s", metrics)

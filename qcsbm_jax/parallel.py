@@ -1,19 +1,138 @@
-"""Device mesh, shardings and global batches: one code path from one CPU to many hosts.
+"""Processes, device mesh, shardings and global batches: one code path from one CPU to a pod.
 
-The mesh has a 'data' axis (batch) and a 'model' axis (parameter sharding; size 1 unless a
-model needs it). Every process feeds its own slice of a global batch; jit places the work.
-Batch-local computations with data-dependent loops (adaptive ODE solves) run per shard
-through `per_shard`, so no collective ever sits inside a while loop.
+Processes. A job is one process per host (TPU pods, one process per GPU node) or per
+device (one per GPU under SLURM). `initialize_distributed` starts JAX's distributed runtime
+when, and only when, the job has several processes; it must run before anything touches a
+backend. Every process then runs the same program; collectives cross processes (CPU
+processes use gloo over TCP), and a process that dies stops the others within the
+heartbeat timeout. `PreemptionWatch` turns a pre-emption notice (SIGTERM) into one step
+at which every process saves and stops.
+
+Mesh. ('data', 'model') over all devices of all processes. The batch is split over both
+axes, so every device holds B / D rows. The 'model' axis (size 1 unless
+config.parallel.model_axis > 1) also shards parameters and optimizer state, FSDP-style:
+each array is split along its largest dimension divisible by the axis size and jit
+gathers it where it is used. Every process feeds its own contiguous slice of a global
+batch (`global_batch`); slices in process order are the one-process batch, so results do
+not depend on the number of devices or processes. Batch-local computations with
+data-dependent loops (adaptive ODE solves) run per shard through `per_shard`, so no
+collective ever sits inside a while loop.
 """
 
-from collections.abc import Callable
+import os
+import signal
+import threading
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 DATA, MODEL = "data", "model"
+BATCH = P((DATA, MODEL))  # The leading (batch) axis split over every device.
+DISTRIBUTED_MODES = ("auto", "slurm", "tpu", "off")
+_SLURM_VARS = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID",
+               "SLURM_LOCALID")
+
+
+def distributed_setup(mode: str = "auto", *, coordinator_address: str | None = None,
+                      num_processes: int | None = None, process_id: int | None = None,
+                      environ: Mapping[str, str] = os.environ) -> dict[str, Any] | None:
+    """The jax.distributed.initialize arguments of this job, or None for one process.
+
+    An explicit coordinator_address, num_processes and process_id (all three) win.
+    Otherwise mode 'auto' recognises a SLURM job step (srun) with several tasks and a
+    GKE TPU slice of several hosts (TPU_WORKER_HOSTNAMES); 'slurm' requires a SLURM job
+    step (coordinator: the step's first node; one GPU per task, unless
+    JAX_LOCAL_DEVICE_IDS lists more); 'tpu' is a Cloud TPU VM pod, whose layout JAX reads
+    from the TPU metadata (no arguments); 'off' never initializes.
+    """
+    if mode not in DISTRIBUTED_MODES:
+        raise ValueError(f"Unknown distributed mode {mode!r}; valid: {DISTRIBUTED_MODES}.")
+    explicit = (coordinator_address, num_processes, process_id)
+    if any(v is not None for v in explicit):
+        if mode == "off" or any(v is None for v in explicit):
+            raise ValueError(
+                "For a multi-process job give all of --coordinator_address=HOST:PORT, "
+                "--num_processes=N and --process_id=I (0 <= I < N, a different I for each "
+                f"process) and leave --distributed at 'auto'; got coordinator_address="
+                f"{coordinator_address}, num_processes={num_processes}, "
+                f"process_id={process_id}, distributed={mode!r}.")
+        if not 0 <= process_id < num_processes:
+            raise ValueError(f"--process_id={process_id} must be in [0, --num_processes="
+                             f"{num_processes}).")
+        if num_processes == 1:
+            return None
+        return dict(coordinator_address=coordinator_address, num_processes=num_processes,
+                    process_id=process_id, cluster_detection_method="deactivate")
+    in_slurm_step = all(v in environ for v in _SLURM_VARS)
+    if mode == "slurm" and not in_slurm_step:
+        raise ValueError(
+            "--distributed=slurm needs a SLURM job step: start the processes with srun "
+            f"(launch/run.sh slurm does); missing: {[v for v in _SLURM_VARS if v not in environ]}.")
+    if mode == "slurm" or (mode == "auto" and in_slurm_step):
+        return dict(cluster_detection_method="slurm") if int(environ["SLURM_NTASKS"]) > 1 else None
+    gke_hosts = environ.get("TPU_WORKER_HOSTNAMES", "").split(",")
+    if mode == "tpu" or (mode == "auto" and len(gke_hosts) > 1):
+        return {}
+    return None
+
+
+def initialize_distributed(mode: str = "auto", *, coordinator_address: str | None = None,
+                           num_processes: int | None = None, process_id: int | None = None,
+                           heartbeat_timeout_s: int = 100) -> bool:
+    """Starts JAX's distributed runtime if this job has several processes (see
+    distributed_setup); returns whether it did. Call it before any JAX computation.
+
+    heartbeat_timeout_s: a process that stops answering for this long counts as dead and
+    every other process then exits with an error instead of waiting for it.
+    """
+    setup = distributed_setup(mode, coordinator_address=coordinator_address,
+                              num_processes=num_processes, process_id=process_id)
+    if setup is None:
+        return False
+    if jax.config.jax_cpu_collectives_implementation is None:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(**setup, heartbeat_timeout_seconds=heartbeat_timeout_s)
+    logging.info("Process %d of %d; %d local devices of %d.", jax.process_index(),
+                 jax.process_count(), jax.local_device_count(), jax.device_count())
+    return True
+
+
+class PreemptionWatch:
+    """Has a pre-emption notice (SIGTERM) reached this job? Every process gets the same answer.
+
+    Several processes: JAX's preemption service catches SIGTERM on any process and picks
+    a step that all of them reach (multihost_utils.reached_preemption_sync_point). One
+    process: a SIGTERM handler sets a flag. Use as a context manager around a loop that
+    calls reached(step) once per step, with increasing steps, on every process.
+    """
+
+    def __enter__(self) -> "PreemptionWatch":
+        self._requested = False
+        self._previous = None
+        if not jax.distributed.is_initialized():
+            if threading.current_thread() is threading.main_thread():
+                self._previous = signal.signal(signal.SIGTERM, self._handle)
+            else:
+                logging.warning("Not on the main thread: SIGTERM will not save a checkpoint.")
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        del signum, frame
+        self._requested = True
+
+    def reached(self, step: int) -> bool:
+        if jax.distributed.is_initialized():
+            return multihost_utils.reached_preemption_sync_point(step)
+        return self._requested
+
+    def __exit__(self, *exc_info) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
 
 
 def make_mesh(data_axis: int = -1, model_axis: int = 1, devices=None) -> Mesh:
@@ -31,21 +150,37 @@ def make_mesh(data_axis: int = -1, model_axis: int = 1, devices=None) -> Mesh:
 
 
 def data_sharding(mesh: Mesh) -> NamedSharding:
-    """Leading (batch) axis split over 'data', the rest replicated."""
-    return NamedSharding(mesh, P(DATA))
+    """Leading (batch) axis split over every device of the mesh, the rest replicated."""
+    return NamedSharding(mesh, BATCH)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
+def fsdp_spec(shape: tuple[int, ...], model_size: int) -> P:
+    """Shards the largest dimension divisible by model_size over 'model' (the first of
+    equal ones); replicated if model_size is 1 or no dimension divides."""
+    dims = [d for d, n in enumerate(shape) if model_size > 1 and n % model_size == 0]
+    if not dims:
+        return P()
+    dim = max(dims, key=lambda d: (shape[d], -d))
+    return P(*(MODEL if d == dim else None for d in range(len(shape))))
+
+
+def state_sharding(mesh: Mesh, tree: Any) -> Any:
+    """NamedShardings for a pytree of arrays or ShapeDtypeStructs (parameters, optimizer
+    state, a whole train state): FSDP over 'model' (fsdp_spec), replicated over 'data'."""
+    return jax.tree.map(lambda x: NamedSharding(mesh, fsdp_spec(x.shape, mesh.shape[MODEL])),
+                        tree)
+
+
 def check_batch_size(global_batch_size: int, mesh: Mesh, what: str = "batch size") -> None:
-    """Raises a clear error unless the batch splits evenly over data shards and processes."""
-    shards = mesh.shape[DATA]
-    if global_batch_size % shards or global_batch_size % jax.process_count():
+    """Raises a clear error unless the batch splits evenly over devices and processes."""
+    if global_batch_size % mesh.size or global_batch_size % jax.process_count():
         raise ValueError(
-            f"The {what} {global_batch_size} must be divisible by the {shards} data-parallel "
-            f"devices and the {jax.process_count()} processes; change it in the config.")
+            f"The {what} {global_batch_size} must be divisible by the {mesh.size} devices "
+            f"and the {jax.process_count()} processes; change it in the config.")
 
 
 def global_batch(local_batch: np.ndarray, mesh: Mesh) -> jax.Array:
@@ -56,20 +191,19 @@ def global_batch(local_batch: np.ndarray, mesh: Mesh) -> jax.Array:
 def per_shard(fn: Callable, mesh: Mesh, num_replicated: int, num_batched: int) -> Callable:
     """Runs a batch-local, deterministic `fn(*replicated, *batched)` on each shard alone.
 
-    The first `num_replicated` arguments (parameters) are replicated; the next
-    `num_batched` arrays are split along their leading axis over 'data', and so are all
-    outputs. Draw randomness (prior samples, probes) outside, as global arrays: then
-    results are the same for any number of devices.
+    The first `num_replicated` arguments (parameters; gathered if FSDP-sharded) are
+    replicated; the next `num_batched` arrays are split along their leading axis over
+    every device, and so are all outputs. Draw randomness (prior samples, probes)
+    outside, as global arrays: then results are the same for any number of devices.
     """
-    in_specs = (P(),) * num_replicated + (P(DATA),) * num_batched
-    return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=P(DATA), check_vma=False)
+    in_specs = (P(),) * num_replicated + (BATCH,) * num_batched
+    return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=BATCH, check_vma=False)
 
 
 def to_host(x: jax.Array) -> np.ndarray:
     """The full value of a (possibly multi-process) global array as a NumPy array."""
     if x.is_fully_addressable:
         return np.asarray(x)
-    from jax.experimental import multihost_utils
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
@@ -79,8 +213,8 @@ def map_batches(fn: Callable, arrays: tuple[np.ndarray, ...], batch_size: int,
 
     Every example is covered: the last chunk is padded by repeating its final row and the
     padded results are dropped. All processes must hold the same `arrays`; each feeds its
-    own slice of every chunk. Returns fn's pytree of per-example outputs, [N, ...] each.
-    With a label, logs a progress line per chunk.
+    own slice of every chunk. Returns fn's pytree of per-example outputs, [N, ...] each,
+    on every process. With a label, logs a progress line per chunk.
     """
     check_batch_size(batch_size, mesh, "evaluation batch size")
     total = len(arrays[0])

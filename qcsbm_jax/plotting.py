@@ -2,14 +2,16 @@
 
 Figures are drawn on matplotlib's Agg canvas directly (Figure + FigureCanvasAgg), never
 through pyplot, so importing or using this module leaves the user's backend and pyplot
-state alone. Every function creates the parent directories of `path` and returns `path`.
+state alone. Every function creates the parent directories of `path` and returns `path`,
+which may be a local path or a URL that etils.epath writes (e.g. gs://bucket/run/x.png).
 """
 
+import io
 import math
-import os
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+from etils import epath
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image
@@ -17,14 +19,17 @@ from PIL import Image
 DPI = 100
 
 
-def _make_parent(path: str) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+def _write(path: str, data: bytes) -> str:
+    target = epath.Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(data)
+    return path
 
 
 def _save(fig: Figure, path: str) -> str:
-    _make_parent(path)
-    FigureCanvasAgg(fig).print_png(path)
-    return path
+    buffer = io.BytesIO()
+    FigureCanvasAgg(fig).print_png(buffer)
+    return _write(path, buffer.getvalue())
 
 
 def scatter_png(path: str, points, title: str | None = None, lim: float | None = None) -> str:
@@ -74,25 +79,38 @@ def curves_png(path: str, x: Sequence[float], curves: Mapping[str, Sequence[floa
     return _save(fig, path)
 
 
-def image_grid_png(path: str, images, ncols: int | None = None, padding: int = 2) -> str:
-    """Saves images [N, H, W, C] (C = 1 or 3, values in [0, 1]) as one grid PNG.
+def to_pixels(images, value_range: tuple[float, float] = (0.0, 1.0)) -> np.ndarray:
+    """8-bit pixels (uint8, same shape) of images with values in value_range = (lo, hi):
+    round(255 (x - lo) / (hi - lo)), clipped to [0, 255]; NaN becomes 0."""
+    lo, hi = value_range
+    if not hi > lo:
+        raise ValueError(f"value_range must be (lo, hi) with hi > lo; got {value_range}.")
+    unit = (np.asarray(images, np.float32) - lo) / (hi - lo)
+    return np.round(np.clip(np.nan_to_num(unit, nan=0.0), 0.0, 1.0) * 255).astype(np.uint8)
 
+
+def image_grid_png(path: str, images, ncols: int | None = None, padding: int = 2,
+                   value_range: tuple[float, float] = (0.0, 1.0)) -> str:
+    """Saves images [N, H, W, C] (C = 1 or 3) as one grid PNG.
+
+    Values in value_range map to 0..255 (to_pixels): (0, 1) for data in [0, 1], (-1, 1)
+    for centered data; values outside are clipped and NaN shows as 0.
     The grid has ncols columns (default ceil(sqrt(N))) and ceil(N / ncols) rows, with
     `padding` black pixels around every tile: (rows (H + p) + p) x (ncols (W + p) + p) pixels,
-    mode 'L' for C = 1 and 'RGB' for C = 3. Values are clipped to [0, 1]; NaN shows as 0.
+    mode 'L' for C = 1 and 'RGB' for C = 3.
     """
-    images = np.nan_to_num(np.asarray(images, np.float32), nan=0.0)
-    if images.ndim != 4 or images.shape[-1] not in (1, 3):
-        raise ValueError(f"images must be [N, H, W, C] with C = 1 or 3; got {images.shape}.")
+    images = np.asarray(images)
+    if images.ndim != 4 or images.shape[-1] not in (1, 3) or len(images) == 0:
+        raise ValueError(f"images must be [N, H, W, C] with N >= 1 and C = 1 or 3; got "
+                         f"{images.shape}.")
     n, h, w, c = images.shape
     ncols = ncols or math.ceil(math.sqrt(n))
     nrows = math.ceil(n / ncols)
     grid = np.zeros((nrows * (h + padding) + padding, ncols * (w + padding) + padding, c),
                     np.uint8)
-    pixels = np.round(np.clip(images, 0.0, 1.0) * 255).astype(np.uint8)
-    for i, image in enumerate(pixels):
+    for i, image in enumerate(to_pixels(images, value_range)):
         top, left = padding + (i // ncols) * (h + padding), padding + (i % ncols) * (w + padding)
         grid[top:top + h, left:left + w] = image
-    _make_parent(path)
-    Image.fromarray(grid[..., 0] if c == 1 else grid).save(path, format="PNG")
-    return path
+    buffer = io.BytesIO()
+    Image.fromarray(grid[..., 0] if c == 1 else grid).save(buffer, format="PNG")
+    return _write(path, buffer.getvalue())

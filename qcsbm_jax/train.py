@@ -13,8 +13,7 @@ import optax
 from absl import logging
 from clu import metric_writers, periodic_actions
 
-from qcsbm_jax import checkpoint, experiment, losses, parallel
-from qcsbm_jax.data import toy
+from qcsbm_jax import checkpoint, data, experiment, losses, parallel
 
 
 @flax.struct.dataclass
@@ -76,19 +75,25 @@ def make_train_step(loss_fn, optimizer: optax.GradientTransformation, ema_decay:
     return train_step
 
 
-class _Preemption:
-    """Turns SIGTERM into a flag the loop checks, so a pre-empted run saves and exits."""
+PREEMPTED_EXIT_CODE = 128 + signal.SIGTERM  # 143, what a shell reports for a SIGTERM'd process.
 
-    def __init__(self):
-        self.requested = False
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
 
-    def _handle(self, signum, frame):
-        del signum, frame
-        self.requested = True
+class Preempted(SystemExit):
+    """A pre-emption notice (SIGTERM) stopped training after its checkpoint was saved.
 
-    def restore(self):
-        signal.signal(signal.SIGTERM, self._previous)
+    A SystemExit: unless a caller catches it, the program ends quietly with
+    PREEMPTED_EXIT_CODE and nothing after training (evaluation, metrics) runs. Rerunning
+    the same command resumes from `step`.
+    """
+
+    def __init__(self, step: int, workdir: str):
+        super().__init__(PREEMPTED_EXIT_CODE)
+        self.step = step
+        self.workdir = workdir
+
+    def __str__(self) -> str:
+        return (f"Pre-empted (SIGTERM): saved step {self.step} in {self.workdir}/checkpoints "
+                "and stopped; rerun the same command to resume.")
 
 
 def _mean_metrics(history: list[dict]) -> dict[str, float]:
@@ -106,7 +111,8 @@ def _check_finite(scalars: dict[str, float], step: int, workdir: str) -> None:
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
-    """Trains from scratch or resumes from the newest valid checkpoint in workdir."""
+    """Trains from scratch, from config.training.init_from, or resumes from the newest
+    valid checkpoint in workdir. Raises Preempted after saving if SIGTERM arrives."""
     mesh = parallel.make_mesh(config.parallel.data_axis, config.parallel.model_axis)
     batch_size = config.training.batch_size
     parallel.check_batch_size(batch_size, mesh)
@@ -117,28 +123,26 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
         qc_weight=config.loss.qc_weight, estimator=config.loss.estimator,
         probe=config.loss.probe, num_probes=config.loss.num_probes, eps=config.loss.eps)
 
-    replicated = parallel.replicated(mesh)
-    state = jax.jit(lambda p: init_state(p, optimizer, config.seed),
-                    out_shardings=replicated)(model.init_params)
+    init = lambda p: init_state(p, optimizer, config.seed)
+    sharding = parallel.state_sharding(mesh, jax.eval_shape(init, model.init_params))
+    state = jax.jit(init, out_shardings=sharding)(model.init_params)
     metadata = {"config": config.to_dict(),
                 "signature": experiment.model_signature(config, model.init_params)}
     train_step = jax.jit(make_train_step(loss_fn, optimizer, config.optim.ema_decay),
-                         in_shardings=(replicated, parallel.data_sharding(mesh)),
-                         out_shardings=(replicated, replicated), donate_argnums=0)
+                         in_shardings=(sharding, parallel.data_sharding(mesh)),
+                         out_shardings=(sharding, parallel.replicated(mesh)),
+                         donate_argnums=0)
 
-    dataset = toy.sample_toy(config.data.name, jax.random.key(config.data.seed),
-                             config.data.num_points)
-    batch_key = jax.random.key(config.data.seed + 1)
+    local_batch = data.make_train_batches(config)
 
     def batch_at(step: int) -> jax.Array:
-        local = toy.toy_batch(dataset, batch_key, step, batch_size, jax.process_index(),
-                              jax.process_count())
-        return parallel.global_batch(local, mesh)
+        return parallel.global_batch(local_batch(step), mesh)
 
     writer = metric_writers.create_default_writer(
         workdir, just_logging=jax.process_index() > 0)
     num_steps = config.training.num_steps
-    with checkpoint.Checkpointer(workdir, max_to_keep=config.training.keep_checkpoints) as ckpt:
+    with checkpoint.Checkpointer(workdir, max_to_keep=config.training.keep_checkpoints) as ckpt, \
+            parallel.PreemptionWatch() as preemption:
         latest = ckpt.latest_step()
         if latest is not None:
             state, saved = ckpt.restore_latest_valid(state)
@@ -150,12 +154,13 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
                     "unreadable newer steps) to resume from there.")
             logging.info("Resumed from step %d in %s.", int(state.step), workdir)
         else:
+            if config.training.init_from:
+                state = _init_from(config.training.init_from, state, optimizer, metadata)
             writer.write_hparams(_flat_hparams(config))
         start = int(state.step)
         report = periodic_actions.ReportProgress(
             num_train_steps=num_steps, writer=writer,
             every_steps=config.training.log_every, every_secs=None)
-        preemption = _Preemption()
         history = []
         try:
             for step in range(start, num_steps):
@@ -172,15 +177,39 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
                         _check_finite(scalars, done, workdir)
                 if done % config.training.checkpoint_every == 0 or done == num_steps:
                     _save(ckpt, state, metadata)
-                if preemption.requested:
-                    logging.warning("SIGTERM: saving step %d and exiting.", done)
+                if preemption.reached(done):
                     _save(ckpt, state, metadata)
-                    break
+                    ckpt.wait()
+                    preempted = Preempted(int(state.step), workdir)
+                    logging.warning("%s", preempted)
+                    raise preempted
         finally:
-            preemption.restore()
             ckpt.wait()
             writer.flush()
     return state
+
+
+def _init_from(source: str, state: TrainState, optimizer: optax.GradientTransformation,
+               metadata: dict) -> TrainState:
+    """`state` with the parameters (and EMA parameters) of the newest valid checkpoint in
+    the workdir `source`, a fresh optimizer state and step 0: a fine-tune of another run
+    of the same model (e.g. a QCSBM from a trained USBM)."""
+    flag = f"--config.training.init_from={source}"
+    with checkpoint.Checkpointer(source, read_only=True) as ckpt:
+        if ckpt.latest_step() is None:
+            raise FileNotFoundError(f"{flag} holds no checkpoint in {ckpt.directory}; train "
+                                    "that run first or fix the path.")
+        parts, saved = ckpt.restore_latest_valid(
+            {"params": state.params, "ema_params": state.ema_params})
+    checkpoint.check_compatible(saved, metadata, advice=(
+        f"{flag} must name a run of this model (same network, family and data: a USBM can "
+        "seed a QCSBM, a CSBM cannot)."))
+    logging.info("Initialised the parameters from %s (fresh optimizer, step 0).",
+                 saved[checkpoint.RESTORED_FROM])
+    params = parts["params"]
+    opt_state = jax.jit(optimizer.init, out_shardings=jax.tree.map(
+        lambda x: x.sharding, state.opt_state))(params)
+    return state.replace(params=params, ema_params=parts["ema_params"], opt_state=opt_state)
 
 
 def _save(ckpt: "checkpoint.Checkpointer", state: TrainState, metadata: dict) -> None:

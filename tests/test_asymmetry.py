@@ -63,6 +63,22 @@ def test_full_jacobian_on_image_shaped_input():
     np.testing.assert_allclose(jac, jnp.broadcast_to(a, (3, 12, 12)), rtol=1e-6)
 
 
+def test_jacobian_products_match_jacfwd():
+    score_fn, params = _toy_field("unconstrained")
+    x, t = _points()
+    jac = _jacfwd_jacobian(score_fn, params, x, t)
+    v = asymmetry.sample_probes(jax.random.key(3), x.shape, "gaussian")
+    field = lambda y: score_fn(params, y, t)
+    for method in asymmetry.PRODUCTS:
+        out, jv, jtv = jax.jit(lambda y, w, m=method: asymmetry.jacobian_products(
+            field, y, w, m))(x, v)
+        np.testing.assert_allclose(out, field(x), rtol=1e-6)
+        np.testing.assert_allclose(jv, jnp.einsum("bij,bj->bi", jac, v), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(jtv, jnp.einsum("bji,bj->bi", jac, v), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="method"):
+        asymmetry.jacobian_products(field, x, v, "bad")
+
+
 @pytest.mark.parametrize("estimator", HUTCHINSON)
 @pytest.mark.parametrize("family", ["unconstrained", "constrained"])
 def test_estimators_exact_in_expectation(estimator, family):

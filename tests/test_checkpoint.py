@@ -280,3 +280,32 @@ def test_kill_during_async_save_leaves_only_valid_steps(tmp_path):
             ckpt.wait()
         restored, _ = ckpt.restore(big)
     np.testing.assert_array_equal(restored["w"], np.arange(4_000_000.0, dtype=np.float32))
+
+
+def test_read_only_restores_only_the_requested_parts(tmp_path):
+    """A fine-tune reads params and EMA of another run, whatever its optimizer state."""
+    saved_steps(tmp_path, [4, 9])
+    state = make_state(9)
+    parts = {"params": state.params, "ema_params": state.ema_params}
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), parts)
+    with checkpoint.Checkpointer(tmp_path, read_only=True) as ckpt:
+        assert ckpt.all_steps() == [4, 9]
+        restored, metadata = ckpt.restore_latest_valid(target)
+        assert metadata[checkpoint.RESTORED_FROM] == str(tmp_path / "checkpoints" / "9")
+        assert_trees_equal(restored, parts)
+        with pytest.raises(checkpoint.CheckpointError, match="read-only"):
+            ckpt.save(10, state, metadata=METADATA)
+        wider = {"params": make_state(width=16).params}
+        with pytest.raises(checkpoint.IncompatibleCheckpointError,
+                           match=r"params.dense.kernel: checkpoint float32\[8, 4\]"):
+            ckpt.restore(wider)
+        with pytest.raises(checkpoint.IncompatibleCheckpointError,
+                           match="other.w: checkpoint missing"):
+            ckpt.restore({"other": {"w": jnp.zeros(2)}})
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["4", "9"]
+
+
+def test_read_only_of_a_directory_without_checkpoints(tmp_path):
+    with checkpoint.Checkpointer(tmp_path / "nothing", read_only=True) as ckpt:
+        assert ckpt.latest_step() is None
+    assert not os.path.exists(tmp_path / "nothing")

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from scipy import integrate, stats
 
-from qcsbm_jax import likelihood
+from qcsbm_jax import asymmetry, likelihood
 from qcsbm_jax.sde import SubVPSDE, VESDE, VPSDE
 
 EPS = 1e-5
@@ -63,8 +63,7 @@ def test_exact_divergence_gives_exact_log_density(sde, mu, cov):
     x = jnp.asarray(mu + std_eps * np.random.default_rng(0).standard_normal((16, 2)),
                     jnp.float32)
     nll, z, nfe = jax.jit(lambda x: likelihood.ode_log_likelihood(
-        jax.random.key(0), None, x, score_fn=gaussian_score(sde, mu, cov), sde=sde,
-        eps=EPS))(x)
+        None, x, score_fn=gaussian_score(sde, mu, cov), sde=sde, eps=EPS))(x)
     logp, z_exact = exact_model(sde, mu, cov, np.asarray(x, np.float64))
     np.testing.assert_allclose(nll, -logp, rtol=1e-3, atol=1e-3)
     np.testing.assert_allclose(z, z_exact, rtol=1e-3, atol=1e-3 * sde.prior_std)
@@ -79,9 +78,10 @@ def test_hutchinson_is_unbiased(probe):
     sde, points, copies = VPSDE(), 4, 64
     x0 = np.random.default_rng(1).multivariate_normal(MU, COV, size=points)
     x = jnp.asarray(np.repeat(x0, copies, axis=0), jnp.float32)
-    nll, _, _ = jax.jit(lambda key, x: likelihood.ode_log_likelihood(
-        key, None, x, score_fn=gaussian_score(sde, MU, COV), sde=sde, eps=EPS,
-        divergence="hutchinson", probe=probe, rtol=1e-4, atol=1e-4))(jax.random.key(2), x)
+    probes = asymmetry.sample_probes(jax.random.key(2), x.shape, probe)
+    nll, _, _ = jax.jit(lambda x, v: likelihood.ode_log_likelihood(
+        None, x, score_fn=gaussian_score(sde, MU, COV), sde=sde, eps=EPS,
+        divergence="hutchinson", probes=v, rtol=1e-4, atol=1e-4))(x, probes)
     nll = np.asarray(nll).reshape(points, copies)
     exact = -exact_model(sde, MU, COV, x0)[0]
     spread = nll.std(axis=1)
@@ -89,16 +89,38 @@ def test_hutchinson_is_unbiased(probe):
     assert np.all(np.abs(nll.mean(axis=1) - exact) < 4 * spread / np.sqrt(copies) + 2e-3)
 
 
-def test_solver_failure_gives_nan_and_bad_names_raise():
+def test_each_sample_uses_its_own_probe():
+    """Row b's Hutchinson NLL depends on (x[b], probes[b]) only: permuting the rows
+    permutes the values, and the same point with different probes gives different values."""
+    sde = VPSDE()
+    x = jnp.asarray(np.random.default_rng(4).multivariate_normal(MU, COV, size=4), jnp.float32)
+    probes = asymmetry.sample_probes(jax.random.key(5), x.shape)
+    solve = jax.jit(lambda x, v: likelihood.ode_log_likelihood(
+        None, x, score_fn=gaussian_score(sde, MU, COV), sde=sde, eps=EPS,
+        divergence="hutchinson", probes=v)[0])
+    together = solve(x, probes)
+    order = np.array([2, 0, 3, 1])
+    np.testing.assert_allclose(solve(x[order], probes[order]), together[order], rtol=1e-6)
+    same_point = solve(jnp.repeat(x[:1], 4, axis=0), probes)
+    np.testing.assert_allclose(same_point[0], together[0], rtol=1e-6)
+    assert np.ptp(np.asarray(same_point)) > 1e-3  # the probes matter
+
+
+def test_solver_failure_gives_nan_and_bad_arguments_raise():
     sde = VPSDE()
     x = jnp.asarray(np.stack([MU, MU + 0.1]), jnp.float32)
     nll, z, _ = jax.jit(lambda x: likelihood.ode_log_likelihood(
-        jax.random.key(0), None, x, score_fn=gaussian_score(sde, MU, COV), sde=sde,
-        max_steps=2))(x)
+        None, x, score_fn=gaussian_score(sde, MU, COV), sde=sde, max_steps=2))(x)
     assert np.all(np.isnan(nll)) and np.all(np.isnan(z))
     with pytest.raises(ValueError, match="divergence"):
-        likelihood.ode_log_likelihood(jax.random.key(0), None, x, score_fn=None, sde=sde,
-                                      divergence="skilling")
+        likelihood.ode_log_likelihood(None, x, score_fn=None, sde=sde, divergence="skilling")
+    with pytest.raises(ValueError, match="probes"):
+        likelihood.ode_log_likelihood(None, x, score_fn=None, sde=sde, divergence="hutchinson")
+    with pytest.raises(ValueError, match="probes"):
+        likelihood.ode_log_likelihood(None, x, score_fn=None, sde=sde, probes=x)
+    with pytest.raises(ValueError, match="shape"):
+        likelihood.ode_log_likelihood(None, x, score_fn=None, sde=sde,
+                                      divergence="hutchinson", probes=x[:1])
 
 
 def test_bits_per_dim_of_uniform_densities():
@@ -136,3 +158,20 @@ def test_uniform_dequantize():
     assert np.all((u >= 0) & (u <= 1))  # u < 1 up to float32 rounding of k + u
     np.testing.assert_allclose(u.mean(), 0.5, atol=4 * math.sqrt(1 / 12 / u.size))
     np.testing.assert_allclose(u.var(), 1 / 12, rtol=0.03)
+
+
+@pytest.mark.parametrize("centered", [False, True])
+def test_dequantize_images_per_example(centered):
+    """Example b's noise comes from keys[b] alone; cells (k + [0, 1)) / 256, mapped to
+    2 x - 1 when centered; bits_per_dim's data_scale matches that map."""
+    k = np.random.default_rng(6).integers(0, 256, size=(3, 4, 4, 1), dtype=np.uint8)
+    keys = jax.random.split(jax.random.key(7), 3)
+    y = np.asarray(likelihood.dequantize_images(keys, k, centered))
+    unit = (y + 1) / 2 if centered else y
+    u = unit * 256 - k
+    assert y.dtype == np.float32 and np.all((u >= -1e-4) & (u <= 1 + 1e-4))
+    expected = (k[1] + np.asarray(jax.random.uniform(keys[1], (4, 4, 1)))) / 256
+    np.testing.assert_allclose(unit[1], expected, rtol=1e-6)
+    np.testing.assert_allclose(likelihood.dequantize_images(keys[1:2], k[1:2], centered)[0],
+                               y[1], rtol=1e-6)
+    assert likelihood.image_data_scale(centered) == (2.0 if centered else 1.0)

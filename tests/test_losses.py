@@ -99,3 +99,118 @@ def test_bad_weighting_and_estimator():
         losses.make_loss_fn(_exact_score, SDE, weighting="bad")
     with pytest.raises(ValueError, match="estimator"):
         losses.make_loss_fn(_exact_score, SDE, estimator="bad")
+
+
+def _toy_score_fn(seed=0):
+    """A small random toy network as score_fn(params, x, t, key) and its params."""
+    from flax import nnx
+
+    from qcsbm_jax import score
+    from qcsbm_jax.models import functional
+    from qcsbm_jax.models.toy import ToyScoreNet
+    apply_fn, params = functional(ToyScoreNet(DIM, (8, 16), (1, 1), rngs=nnx.Rngs(seed)))
+    return score.make_score_fn(apply_fn, SDE, "unconstrained", "residual"), params
+
+
+def _noisy_inputs(x0, key):
+    """The (x_t, t) a loss draws for this key: recorded from an eager DSM-only call."""
+    seen = []
+
+    def recording(params, x, t, k=None):
+        seen.append((x, t))
+        return jnp.zeros_like(x)
+
+    losses.make_loss_fn(recording, SDE)(None, x0, key)
+    return seen[0]
+
+
+@pytest.mark.parametrize("fraction", [1.0, 0.3])
+def test_penalty_on_a_fraction_of_the_batch_matches_reference(fraction):
+    score_fn, params = _toy_score_fn()
+    x0 = jax.random.normal(jax.random.key(0), (10, DIM))
+    key = jax.random.key(1)
+    lam = 0.7
+    loss_fn = losses.make_loss_fn(score_fn, SDE, qc_weight=lam, estimator="exact",
+                                  qc_fraction=fraction)
+    loss, metrics = jax.jit(loss_fn)(params, x0, key)
+    # Reference: the DSM of the plain loss, plus the exact Asym (jacfwd) on the first m.
+    x_t, t = _noisy_inputs(x0, key)
+    m = losses.num_penalised(10, fraction)
+    assert m == (10 if fraction == 1.0 else 3)
+    single = lambda xi, ti: score_fn(params, xi[None], ti[None])[0]
+    jac = jax.jit(jax.vmap(jax.jacfwd(single)))(x_t[:m], t[:m])
+    asym = asymmetry.asymmetry(jac)
+    dsm = jax.jit(losses.make_loss_fn(score_fn, SDE))(params, x0, key)[0]
+    np.testing.assert_allclose(metrics["dsm"], dsm, rtol=1e-6)
+    np.testing.assert_allclose(metrics["qc"], jnp.mean(asym), rtol=1e-5)
+    np.testing.assert_allclose(loss, dsm + lam * jnp.mean(_std(t[:m]) ** 2 * asym), rtol=1e-5)
+
+
+def test_penalty_every_k_steps_averages_to_the_full_penalty():
+    score_fn, params = _toy_score_fn(seed=2)
+    x0 = jax.random.normal(jax.random.key(0), (16, DIM))
+    key = jax.random.key(3)
+    full_fn = losses.make_loss_fn(score_fn, SDE, qc_weight=0.5)
+    every_fn = jax.jit(jax.value_and_grad(
+        losses.make_loss_fn(score_fn, SDE, qc_weight=0.5, qc_every=3), has_aux=True))
+    (loss, metrics), grads = jax.jit(jax.value_and_grad(full_fn, has_aux=True))(
+        params, x0, key)
+    steps = [every_fn(params, x0, key, jnp.int32(s)) for s in range(3)]
+    np.testing.assert_allclose(np.mean([s[0][0] for s in steps]), loss, rtol=1e-6)
+    np.testing.assert_allclose(np.mean([s[0][1]["qc"] for s in steps]), metrics["qc"],
+                               rtol=1e-6)
+    for s in steps[1:]:  # Off steps: the DSM loss alone.
+        np.testing.assert_allclose(s[0][0], metrics["dsm"], rtol=1e-6)
+        assert float(s[0][1]["qc"]) == 0.0
+    mean_grads = jax.tree.map(lambda *g: np.mean(g, axis=0), *[s[1] for s in steps])
+    for g, e in zip(jax.tree.leaves(mean_grads), jax.tree.leaves(grads)):
+        np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-7)
+    # The cycle repeats: step 3 penalises like step 0.
+    np.testing.assert_allclose(every_fn(params, x0, key, jnp.int32(3))[0][0], steps[0][0][0],
+                               rtol=1e-6)
+
+
+def test_penalty_on_a_fraction_is_unbiased():
+    """Closed form as in test_qc_term_is_sigma2_weighted_asymmetry, a quarter penalised."""
+    a = jnp.array([[0.0, 0.7], [-0.7, 0.0]])
+
+    def score_fn(params, x, t, key=None):
+        return _exact_score(params, x, t) + x @ a.T
+
+    loss_fn = losses.make_loss_fn(score_fn, SDE, qc_weight=0.3, estimator="nonneg",
+                                  qc_fraction=0.25)
+    metrics = _mc_loss(jax.jit(loss_fn), batch=100_000, repeats=2)
+    expected_extra = 0.3 * float(asymmetry.asymmetry(a[None])[0]) * _time_average(
+        lambda t: _std(t) ** 2)
+    np.testing.assert_allclose(metrics["loss"] - metrics["dsm"], expected_extra, rtol=2e-2)
+
+
+def test_remat_and_jacobian_method_leave_loss_and_gradients_unchanged():
+    score_fn, params = _toy_score_fn(seed=4)
+    x0 = jax.random.normal(jax.random.key(0), (8, DIM))
+
+    def value_and_grad(**options):
+        loss_fn = losses.make_loss_fn(score_fn, SDE, qc_weight=0.5, **options)
+        return jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(
+            params, x0, jax.random.key(5))
+
+    (loss, _), grads = value_and_grad()
+    for options in (dict(remat="dots"), dict(remat="full", jacobian_method="separate")):
+        (got, _), got_grads = value_and_grad(**options)
+        np.testing.assert_allclose(got, loss, rtol=1e-6)
+        for g, e in zip(jax.tree.leaves(got_grads), jax.tree.leaves(grads)):
+            np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("option, value", [
+    ("qc_fraction", 0.0), ("qc_fraction", 1.5), ("qc_every", 0), ("qc_every", 2.0),
+    ("remat", "bad"), ("jacobian_method", "bad")])
+def test_bad_cost_options(option, value):
+    with pytest.raises(ValueError, match=option):
+        losses.make_loss_fn(_exact_score, SDE, qc_weight=1.0, **{option: value})
+
+
+def test_qc_every_needs_the_step():
+    loss_fn = losses.make_loss_fn(_exact_score, SDE, qc_weight=1.0, qc_every=2)
+    with pytest.raises(ValueError, match="step"):
+        loss_fn(None, jnp.zeros((4, DIM)), jax.random.key(0))

@@ -84,3 +84,11 @@ def test_nan_loss_stops_with_advice_and_keeps_a_finite_checkpoint(tmp_path):
     assert result.returncode != 0
     assert "NaN" in result.stderr and "learning_rate" in result.stderr
     assert _checkpoint_steps(str(tmp_path))
+
+
+def test_incomplete_multi_process_flags_are_one_clear_error(tmp_path):
+    result = _run("--config=configs/toy/gaussians8_qcsbm.py:smoke", f"--workdir={tmp_path}",
+                  "--num_processes=2", check=False)
+    assert result.returncode != 0
+    assert "--coordinator_address=HOST:PORT" in result.stderr and "--process_id" in result.stderr
+    assert "Traceback" not in result.stderr

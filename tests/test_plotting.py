@@ -81,6 +81,24 @@ def test_image_grid_png_default_columns_and_bad_shape(tmp_path):
     assert _open_png(path).size == (4 * 10 + 2, 3 * 10 + 2)  # ceil(sqrt(10)) = 4 columns
     with pytest.raises(ValueError, match="C = 1 or 3"):
         plotting.image_grid_png(str(tmp_path / "bad.png"), np.zeros((2, 8, 8, 4)))
+    with pytest.raises(ValueError, match="N >= 1"):
+        plotting.image_grid_png(str(tmp_path / "none.png"), np.zeros((0, 8, 8, 3)))
+
+
+def test_to_pixels_and_centered_grid(tmp_path):
+    levels = np.array([0, 1, 127, 128, 254, 255])
+    centered = 2 * levels / 255 - 1
+    np.testing.assert_array_equal(plotting.to_pixels(centered, (-1.0, 1.0)), levels)
+    np.testing.assert_array_equal(plotting.to_pixels(levels / 255), levels)
+    np.testing.assert_array_equal(plotting.to_pixels([-3.0, 3.0, np.nan], (-1.0, 1.0)),
+                                  [0, 255, 0])
+    with pytest.raises(ValueError, match="hi > lo"):
+        plotting.to_pixels(levels, (1.0, 1.0))
+    images = centered.reshape(6, 1, 1, 1) * np.ones((6, 3, 2, 1))
+    path = plotting.image_grid_png(str(tmp_path / "c.png"), images, ncols=6, padding=1,
+                                   value_range=(-1.0, 1.0))
+    pixels = np.asarray(_open_png(path))
+    np.testing.assert_array_equal(pixels[1, 1::3], levels)
 
 
 def test_no_pyplot_state(tmp_path):

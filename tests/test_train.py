@@ -6,7 +6,7 @@ import numpy as np
 import optax
 import pytest
 
-from qcsbm_jax import config as config_lib, experiment, losses, parallel, train
+from qcsbm_jax import checkpoint, config as config_lib, experiment, losses, parallel, train
 from qcsbm_jax.data import toy
 
 
@@ -77,25 +77,6 @@ def test_ema_follows_its_formula():
     np.testing.assert_allclose(new.ema_params["w"], 0.25 * 0.2, rtol=1e-6)
 
 
-def test_train_step_same_on_1_and_8_devices():
-    config = _smoke("qcsbm", **{"loss.estimator": "nonneg"})
-    model = experiment.build_score_model(config)
-    optimizer, step_fn = _step_fn(config, model)
-    results = []
-    for devices in (jax.devices()[:1], jax.devices()[:8]):
-        mesh = parallel.make_mesh(devices=devices)
-        replicated = parallel.replicated(mesh)
-        state = jax.device_put(train.init_state(model.init_params, optimizer, 0), replicated)
-        step = jax.jit(step_fn, in_shardings=(replicated, parallel.data_sharding(mesh)),
-                       out_shardings=(replicated, replicated))
-        for i in range(3):
-            state, metrics = step(state, parallel.global_batch(_batch(config, i), mesh))
-        results.append((state.params, float(metrics["loss"])))
-    np.testing.assert_allclose(results[0][1], results[1][1], rtol=1e-5)
-    for a, b in zip(jax.tree.leaves(results[0][0]), jax.tree.leaves(results[1][0])):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
-
-
 def test_mesh_and_batch_errors_are_clear():
     with pytest.raises(ValueError, match="product is the device count"):
         parallel.make_mesh(3, 1)
@@ -114,3 +95,43 @@ def test_interrupted_run_resumes_exactly(tmp_path):
     for a, b in zip(jax.tree.leaves(resumed.params) + jax.tree.leaves(resumed.opt_state),
                     jax.tree.leaves(expected.params) + jax.tree.leaves(expected.opt_state)):
         np.testing.assert_array_equal(a, b)
+
+
+def test_init_from_fine_tunes_the_parameters_of_another_run(tmp_path):
+    """QCSBM from a trained USBM: its params and EMA, a fresh optimizer, step 0."""
+    source = str(tmp_path / "usbm")
+    usbm = _smoke("usbm", **{"training.num_steps": 20, "optim.ema_decay": 0.9})
+    trained = train.train(usbm, source)
+    # Another optimizer (warm-up adds a schedule state): only the parameters carry over.
+    qcsbm = _smoke("qcsbm", **{"training.num_steps": 0, "training.init_from": source,
+                               "optim.warmup_steps": 10})
+    start = train.train(qcsbm, str(tmp_path / "qcsbm"))
+    assert int(start.step) == 0
+    fresh = train.make_optimizer(qcsbm.optim).init(trained.params)
+    for a, b in zip(jax.tree.leaves((start.params, start.ema_params, start.opt_state)),
+                    jax.tree.leaves((trained.params, trained.ema_params, fresh))):
+        np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(jax.tree.leaves(start.params)[0],
+                              jax.tree.leaves(start.ema_params)[0])
+
+    # Once the fine-tune has its own checkpoint it resumes from it; init_from is not read.
+    fine_tune = _smoke("qcsbm", **{"training.num_steps": 10, "training.init_from": source})
+    tuned = train.train(fine_tune, str(tmp_path / "qcsbm"))
+    gone = _smoke("qcsbm", **{"training.num_steps": 10, "training.init_from": "/nonexistent"})
+    resumed = train.train(gone, str(tmp_path / "qcsbm"))
+    assert int(tuned.step) == int(resumed.step) == 10
+    for a, b in zip(jax.tree.leaves(resumed.params), jax.tree.leaves(tuned.params)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_init_from_refuses_another_model_or_an_empty_run(tmp_path):
+    source = str(tmp_path / "usbm")
+    train.train(_smoke("usbm", **{"training.num_steps": 2}), source)
+    csbm = _smoke("csbm", **{"training.num_steps": 0, "training.init_from": source})
+    with pytest.raises(checkpoint.IncompatibleCheckpointError) as error:
+        train.train(csbm, str(tmp_path / "csbm"))
+    assert "family: checkpoint unconstrained, current constrained" in str(error.value)
+    assert "--config.training.init_from" in str(error.value)
+    empty = _smoke("qcsbm", **{"training.num_steps": 0, "training.init_from": str(tmp_path)})
+    with pytest.raises(FileNotFoundError, match="init_from=.* holds no checkpoint"):
+        train.train(empty, str(tmp_path / "qcsbm"))

@@ -7,21 +7,49 @@ import jax
 import ml_collections
 from flax import nnx
 
+from qcsbm_jax.models.ncsnpp import DDPMPP_DEEP, NCSNPP_DEEP, NCSNpp
 from qcsbm_jax.models.toy import ToyScoreNet
 
 ApplyFn = Callable[[Any, jax.Array, jax.Array, jax.Array | None], jax.Array]
 
-MODELS = {"toy_mlp": ToyScoreNet}
+# 'ncsnpp' and 'ddpmpp' are the same module; the name records which preset a config uses.
+MODELS = {"toy_mlp": ToyScoreNet, "ncsnpp": NCSNpp, "ddpmpp": NCSNpp}
+
+# config.model keys that score.py reads rather than the network.
+_SCORE_KEYS = ("name", "family", "output")
 
 
 def build_model(config: ml_collections.ConfigDict, data_shape: tuple[int, ...],
                 key: jax.Array) -> nnx.Module:
-    """Instantiates the network named by `config.model.name` for inputs [B, *data_shape]."""
+    """Instantiates the network named by `config.model.name` for inputs [B, *data_shape].
+
+    Image networks take data_shape = (H, W, C) with H == W and every key of NCSNPP_DEEP
+    from config.model.
+    """
     name = config.model.name
     if name == "toy_mlp":
         return ToyScoreNet(data_shape[-1], tuple(config.model.widths),
                            tuple(config.model.noise_widths), rngs=nnx.Rngs(key))
+    if name in ("ncsnpp", "ddpmpp"):
+        return _build_image_model(config.model, data_shape, key)
     raise ValueError(f"Unknown model.name {name!r}; valid names: {sorted(MODELS)}.")
+
+
+def _build_image_model(model_config: ml_collections.ConfigDict,
+                       data_shape: tuple[int, ...], key: jax.Array) -> NCSNpp:
+    if len(data_shape) != 3 or data_shape[0] != data_shape[1]:
+        raise ValueError(f"model.name={model_config.name!r} needs square images of shape "
+                         f"(H, W, C) with H == W, got data shape {tuple(data_shape)}.")
+    given = {k: v for k, v in model_config.items() if k not in _SCORE_KEYS}
+    missing = sorted(set(NCSNPP_DEEP) - set(given))
+    unknown = sorted(set(given) - set(NCSNPP_DEEP))
+    if missing or unknown:
+        raise ValueError(f"config.model for {model_config.name!r}: missing keys {missing}, "
+                         f"unknown keys {unknown}; start from models.NCSNPP_DEEP or "
+                         "models.DDPMPP_DEEP, e.g. dict(name=..., family=..., output=..., "
+                         "**NCSNPP_DEEP).")
+    return NCSNpp(image_size=data_shape[0], channels=data_shape[2], **given,
+                  rngs=nnx.Rngs(key))
 
 
 def functional(model: nnx.Module) -> tuple[ApplyFn, dict]:

@@ -1,0 +1,11 @@
+"""fashion_mnist, U-NCSN++ (unconstrained) (PAPER.md, experiment 3).
+
+Append ':small' to the path for a network that trains on a CPU in minutes, ':smoke' for a
+seconds-long test run.
+"""
+
+from qcsbm_jax.config import image_config
+
+
+def get_config(variant=None):
+    return image_config("fashion_mnist", "usbm", variant)

@@ -1,0 +1,11 @@
+"""svhn, QC-NCSN++: fine-tunes svhn_usbm_ncsnpp for 100k steps with the QC penalty (PAPER.md, experiment 3).
+
+Append ':small' to the path for a network that trains on a CPU in minutes, ':smoke' for a
+seconds-long test run.
+"""
+
+from qcsbm_jax.config import image_config
+
+
+def get_config(variant=None):
+    return image_config("svhn", "qcsbm", variant)
