@@ -31,19 +31,19 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--sections", type=_csv(str), default=list(SECTIONS),
                         help=f"comma-separated, from {SECTIONS}")
     parser.add_argument("--variants", type=_csv(str), default=None,
-                        help="train-step variants to run (default: all for the model); "
-                             "see suite.VARIANTS")
+                        help="train-step variants (default: all for the model; 'dsm', "
+                             "the reference of the ratios, always runs); see suite.VARIANTS")
     parser.add_argument("--devices", type=_csv(int), default=[1],
                         help="device counts to run on, e.g. 1,8 (the first N devices)")
     parser.add_argument("--batch", type=_csv(int), default=None,
-                        help="train batch sizes (default: per model; raised to a multiple "
-                             "of the device count)")
+                        help="train batch sizes (default: per model and backend; raised to "
+                             "a multiple of the device count)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                         help="compute dtype of the network (float32 master parameters)")
     parser.add_argument("--rounds", type=int, default=None,
                         help="timed rounds per train-step variant (default 5, quick 2)")
     parser.add_argument("--quick", action="store_true",
-                        help="small batches, few steps and loose ODE tolerances")
+                        help="small batches, few steps and ODE tolerances of 1e-2")
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args(argv)
     for name, valid in (("models", MODELS), ("sections", SECTIONS)):

@@ -46,39 +46,54 @@ VARIANTS = {
     "qc_nonneg_separate": dict(estimator="nonneg", jacobian_method="separate"),
     "qc_nonneg_frac25": dict(estimator="nonneg", qc_fraction=0.25),
     "qc_nonneg_every4": dict(estimator="nonneg", qc_every=4),
+    "qc_nonneg_every4_host": dict(estimator="nonneg", qc_every=4),
     "qc_nonneg_remat": dict(estimator="nonneg", remat="dots"),
     "qc_exact": dict(estimator="exact"),
 }
+# Variants whose qc_every branch is chosen on the host: one compiled step per branch.
+HOST_SWITCHED = ("qc_nonneg_every4_host",)
 IMAGE_VARIANTS = tuple(v for v in VARIANTS if v != "qc_exact")
 ASYMMETRY_LEVELS = (1e-1, 1e-2, 1e-3, 1e-4)  # NAsym of the fields in the accuracy section
 
 
 @dataclasses.dataclass(frozen=True)
-class ModelSpec:
-    """A benchmarked model: its config and the sizes used (full run, --quick run)."""
-    config: Callable[[], ml_collections.ConfigDict]
-    qc_weight: float
-    variants: tuple[str, ...]
+class Sizes:
+    """Batch sizes and lengths of one run tier of a model."""
     train_batches: tuple[int, ...]
-    quick_train_batches: tuple[int, ...]
     sample_batch: int
-    quick_sample_batch: int
     pc_steps: int
-    quick_pc_steps: int
     accuracy_batch: int
 
 
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """A benchmarked model: its config, penalty weight, variants and sizes per tier
+    ('quick': --quick; 'cpu' and 'accelerator': full runs on that backend)."""
+    config: Callable[[], ml_collections.ConfigDict]
+    qc_weight: float
+    variants: tuple[str, ...]
+    sizes: dict[str, Sizes]
+
+
 MODELS = {
-    "toy": ModelSpec(lambda: config_lib.toy_config("checkerboard", "usbm"), 0.1,
-                     tuple(VARIANTS), (5000,), (256,), 5000, 256, 1000, 20, 2000),
-    "ncsnpp_smoke": ModelSpec(lambda: config_lib.image_config("cifar10", "usbm", "smoke"),
-                              1e-4, IMAGE_VARIANTS, (8,), (8,), 8, 8, 20, 2, 4),
-    "ncsnpp_small": ModelSpec(lambda: config_lib.image_config("cifar10", "usbm", "small"),
-                              1e-4, IMAGE_VARIANTS, (64,), (8,), 64, 8, 20, 2, 16),
-    "ncsnpp_deep": ModelSpec(lambda: config_lib.image_config("cifar10", "usbm"), 1e-4,
-                             ("dsm", "qc_nonneg", "qc_jvp_vjp", "qc_two_vjp",
-                              "qc_nonneg_frac25", "qc_nonneg_every4"),
-                             (2,), (1,), 2, 1, 2, 1, 4),
+    "toy": ModelSpec(
+        lambda: config_lib.toy_config("checkerboard", "usbm"), 0.1, tuple(VARIANTS),
+        dict(quick=Sizes((256,), 256, 20, 64), cpu=Sizes((5000,), 5000, 1000, 2000),
+             accelerator=Sizes((5000,), 5000, 1000, 2000))),
+    "ncsnpp_smoke": ModelSpec(
+        lambda: config_lib.image_config("cifar10", "usbm", "smoke"), 1e-4, IMAGE_VARIANTS,
+        dict(quick=Sizes((8,), 8, 2, 4), cpu=Sizes((8,), 8, 20, 4),
+             accelerator=Sizes((128,), 128, 100, 16))),
+    "ncsnpp_small": ModelSpec(
+        lambda: config_lib.image_config("cifar10", "usbm", "small"), 1e-4, IMAGE_VARIANTS,
+        dict(quick=Sizes((8,), 8, 2, 4), cpu=Sizes((64,), 16, 20, 16),
+             accelerator=Sizes((128,), 128, 100, 16))),
+    "ncsnpp_deep": ModelSpec(
+        lambda: config_lib.image_config("cifar10", "usbm"), 1e-4,
+        ("dsm", "qc_nonneg", "qc_jvp_vjp", "qc_two_vjp", "qc_nonneg_frac25",
+         "qc_nonneg_every4_host", "qc_nonneg_remat"),
+        dict(quick=Sizes((1,), 1, 1, 2), cpu=Sizes((4,), 2, 2, 4),
+             accelerator=Sizes((32, 128), 128, 100, 16))),
 }
 
 
@@ -176,55 +191,81 @@ class Bench:
 
 # ---------------------------------------------------------------------------- sections
 
-def _train_step(loss_fn, optimizer, ema_decay: float):
-    """train.make_train_step with the loss seeing state.step (needed by qc_every)."""
-    def step(state, batch):
+def _train_step(loss_fn, optimizer, ema_decay: float, step: int | None = None):
+    """train.make_train_step with the loss seeing the step (qc_every needs it): state.step,
+    or the Python int `step` (its branch is then fixed at compile time)."""
+    def train_step(state, batch):
         def loss_at_step(params, x, key, *_):
-            return loss_fn(params, x, key, state.step)
+            return loss_fn(params, x, key, state.step if step is None else step)
         return train.make_train_step(loss_at_step, optimizer, ema_decay)(state, batch)
-    return step
+    return train_step
+
+
+def _programs(name: str, bench: Bench, optimizer) -> list[tuple[Callable, int]]:
+    """The jitted train steps of one variant and how many times a cycle runs each."""
+    cfg = bench.config
+    options = VARIANTS[name]
+    loss_fn = losses.make_loss_fn(
+        bench.score_fn, bench.model.sde, weighting=cfg.loss.weighting, eps=cfg.loss.eps,
+        **({} if options is None else dict(qc_weight=bench.spec.qc_weight, **options)))
+    every = (options or {}).get("qc_every", 1)
+    replicated = parallel.replicated(bench.mesh)
+
+    def jit(step):
+        return jax.jit(_train_step(loss_fn, optimizer, cfg.optim.ema_decay, step),
+                       in_shardings=(replicated, parallel.data_sharding(bench.mesh)),
+                       out_shardings=(replicated, replicated), donate_argnums=0)
+
+    if name in HOST_SWITCHED:
+        return [(jit(0), 1), (jit(1), every - 1)]
+    return [(jit(None), every)]
 
 
 def bench_train(bench: Bench, batch: int, variants: list[str], rounds: int) -> list[dict]:
-    """Compile time, memory and step time of each variant, timed round-robin."""
-    cfg = bench.config
-    optimizer = train.make_optimizer(cfg.optim)
-    replicated = parallel.replicated(bench.mesh)
-    state = jax.jit(lambda p: train.init_state(p, optimizer, cfg.seed),
-                    out_shardings=replicated)(bench.model.init_params)
+    """Compile time, memory, flops and step time of each variant, timed round-robin.
+
+    A variant's time is the mean over a cycle of its steps (qc_every of them for the
+    every-k variants), so it is the amortised cost per step.
+    """
+    optimizer = train.make_optimizer(bench.config.optim)
+    state = jax.jit(lambda p: train.init_state(p, optimizer, bench.config.seed),
+                    out_shardings=parallel.replicated(bench.mesh))(bench.model.init_params)
     data = bench.shard(bench.data(batch))
-    steps, info = {}, {}
+    cycles, info = {}, {}
     for name in variants:
-        options = VARIANTS[name]
-        loss_fn = losses.make_loss_fn(
-            bench.score_fn, bench.model.sde, weighting=cfg.loss.weighting,
-            eps=cfg.loss.eps, **({} if options is None
-                                 else dict(qc_weight=bench.spec.qc_weight, **options)))
-        step = jax.jit(_train_step(loss_fn, optimizer, cfg.optim.ema_decay),
-                       in_shardings=(replicated, parallel.data_sharding(bench.mesh)),
-                       out_shardings=(replicated, replicated), donate_argnums=0)
-        cycle = (options or {}).get("qc_every", 1)
-        start = time.perf_counter()
-        compiled = step.lower(state, data).compile()
-        compile_s = time.perf_counter() - start
-        state, metrics = jax.block_until_ready(compiled(state, data))  # warm-up
-        steps[name] = (compiled, cycle)
-        info[name] = dict(compile_s=compile_s, memory_mb=_memory_mb(compiled),
-                          # XLA counts both branches of qc_every's cond: no flop count.
-                          gflops=None if cycle > 1 else _gflops(compiled),
+        cycle, compile_s, memory, flops = [], 0.0, [], []
+        for program, count in _programs(name, bench, optimizer):
+            start = time.perf_counter()
+            compiled = program.lower(state, data).compile()
+            compile_s += time.perf_counter() - start
+            state, metrics = jax.block_until_ready(compiled(state, data))  # warm-up
+            cycle.append((compiled, count))
+            memory.append(_memory_mb(compiled))
+            gflops = _gflops(compiled)
+            # XLA's count for a program with a conditional adds up both branches.
+            flops.append(None if gflops is None or " conditional(" in compiled.as_text()
+                         else gflops * count)
+        cycles[name] = cycle
+        steps = sum(count for _, count in cycle)
+        info[name] = dict(compile_s=compile_s,
+                          memory_mb=None if None in memory else max(memory),
+                          gflops=None if None in flops else sum(flops) / steps,
                           finite=bool(np.isfinite(float(metrics["loss"]))))
         print(f"  compiled {bench.name} x{bench.devices} batch {batch} {name}: "
               f"{compile_s:.1f} s", flush=True)
     times = {name: [] for name in variants}
     for _ in range(rounds):
-        for name, (compiled, cycle) in steps.items():
+        for name, cycle in cycles.items():
             start = time.perf_counter()
-            for _ in range(cycle):  # a whole cycle of qc_every steps: its mean cost
-                state, metrics = compiled(state, data)
+            for compiled, count in cycle:
+                for _ in range(count):
+                    state, metrics = compiled(state, data)
             jax.block_until_ready((state, metrics))
-            times[name].append((time.perf_counter() - start) / cycle)
+            times[name].append((time.perf_counter() - start)
+                               / sum(count for _, count in cycle))
     dsm_s = statistics.median(times["dsm"]) if "dsm" in times else None
     dsm_gflops = info["dsm"]["gflops"] if "dsm" in info else None
+    peak = _device_peak_mb(bench.mesh)  # the process's peak so far, where reported
     rows = []
     for name in variants:
         step_s = statistics.median(times[name])
@@ -234,9 +275,8 @@ def bench_train(bench: Bench, batch: int, variants: list[str], rounds: int) -> l
             step_ms_min=1e3 * min(times[name]), examples_per_s=batch / step_s,
             ratio_to_dsm=None if dsm_s is None else step_s / dsm_s, rounds=rounds,
             flop_ratio=gflops / dsm_gflops if gflops and dsm_gflops else None,
-            **info[name]))
-    peak = _device_peak_mb(bench.mesh)  # the process's peak so far, where reported
-    return [dict(row, device_peak_mb=peak) for row in rows]
+            device_peak_mb=peak, **info[name]))
+    return rows
 
 
 def bench_score(bench: Bench, batch: int) -> list[dict]:
@@ -401,38 +441,33 @@ def _bench(name: str, n_devices: int, dtype, quick: bool) -> Bench:
 
 
 def run_model(name: str, n_devices: int, args: argparse.Namespace) -> list[dict]:
-    dtype = jnp.dtype(args.dtype)
-    bench = _bench(name, n_devices, dtype, args.quick)
+    bench = _bench(name, n_devices, jnp.dtype(args.dtype), args.quick)
     spec = bench.spec
-    quick = args.quick
-    batches = args.batch or (spec.quick_train_batches if quick else spec.train_batches)
-    sample_batch = _round_up(spec.quick_sample_batch if quick else spec.sample_batch,
-                             n_devices)
+    tier = "quick" if args.quick else ("cpu" if jax.default_backend() == "cpu"
+                                       else "accelerator")
+    sizes = spec.sizes[tier]
+    sample_batch = _round_up(sizes.sample_batch, n_devices)
     rows = []
     if "train" in args.sections:
-        variants = [v for v in (args.variants or spec.variants) if v in spec.variants]
         unknown = sorted(set(args.variants or ()) - set(VARIANTS))
         if unknown:
             raise SystemExit(f"--variants: unknown {unknown}; choose from {list(VARIANTS)}.")
-        if variants and variants[0] != "dsm" and "dsm" in spec.variants:
-            variants = ["dsm"] + [v for v in variants if v != "dsm"]
-        for batch in batches:
+        variants = [v for v in (args.variants or spec.variants) if v in spec.variants]
+        variants = ["dsm"] + [v for v in variants if v != "dsm"]  # the ratios' reference
+        for batch in args.batch or sizes.train_batches:
             rows += bench_train(bench, _round_up(batch, n_devices), variants,
-                                args.rounds or (2 if quick else 5))
+                                args.rounds or (2 if args.quick else 5))
     if "score" in args.sections:
         rows += bench_score(bench, sample_batch)
     if "pc" in args.sections:
-        rows += bench_pc(bench, sample_batch, spec.quick_pc_steps if quick else spec.pc_steps)
+        rows += bench_pc(bench, sample_batch, sizes.pc_steps)
     if "ode" in args.sections:
         rows += bench_ode(bench, sample_batch)
     if "likelihood" in args.sections:
         rows += bench_likelihood(bench, sample_batch)
     if "accuracy" in args.sections and n_devices == min(args.devices):
-        batch = spec.accuracy_batch if not quick else min(spec.accuracy_batch, 64)
-        rows += bench_accuracy(bench, batch, jnp.bfloat16)
-    for row in rows:
-        row.setdefault("dtype", args.dtype)
-    return rows
+        rows += bench_accuracy(bench, sizes.accuracy_batch, jnp.bfloat16)
+    return [dict(row, dtype=row.get("dtype", args.dtype), tier=tier) for row in rows]
 
 
 def machine() -> dict:

@@ -69,6 +69,19 @@ setup_venv() {
   echo "$want" > "$stamp"
 }
 
+# The tests read the real Fashion-MNIST from the Debian package; install it where we may.
+setup_test_data() {
+  local dir=/usr/share/datasets/fashion-mnist
+  [[ -f "$dir/t10k-images-idx3-ubyte.gz" ]] && return
+  if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null; then
+    echo "[run.sh] installing dataset-fashion-mnist for the tests" >&2
+    { apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; } >/dev/null 2>&1 \
+      || echo "[run.sh] could not install dataset-fashion-mnist; its tests will skip" >&2
+  else
+    echo "[run.sh] $dir is missing (apt-get install dataset-fashion-mnist); its tests will skip" >&2
+  fi
+}
+
 # Sets CONFIG (default or first argument) and ARGS (main's flags); callers shift by $SHIFT.
 job_args() {
   CONFIG="$DEFAULT_CONFIG" SHIFT=0
@@ -300,7 +313,7 @@ main() {
     local) setup_venv; run_local "$@" ;;
     tpu) run_tpu "$@" ;;
     slurm|gpu) run_slurm "$@" ;;
-    test) setup_venv; cd "$ROOT"; exec "$VENV/bin/python" -m pytest -q "$@" ;;
+    test) setup_venv; setup_test_data; cd "$ROOT"; exec "$VENV/bin/python" -m pytest -q "$@" ;;
     -h|--help|help) usage ;;
     "") usage; exit 2 ;;
     *) echo "launch/run.sh: unknown command '$command'" >&2; usage >&2; exit 2 ;;

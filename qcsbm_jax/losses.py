@@ -29,6 +29,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from qcsbm_jax import asymmetry
@@ -79,8 +80,9 @@ def make_loss_fn(score_fn: ScoreFn, sde, *, weighting: str = "sigma2",
                  eps: float = 1e-5) -> Callable:
     """Returns `loss_fn(params, x0, key, step=None) -> (loss, metrics)` for a batch x0 [B, *S].
 
-    step: the train step (integer scalar), required when qc_every > 1; the loss is then
-    differentiable with respect to params only (see _every_k_steps).
+    step: the train step, required when qc_every > 1: a traced integer scalar (the
+    penalty is then selected by lax.cond and the loss is differentiable with respect to
+    params only) or a Python int (the branch is chosen while tracing; see _every_k_steps).
     metrics: 'loss', 'dsm' and, when qc_weight > 0, 'qc': the mean unweighted penalty of
     the penalised samples (with qc_every = k: k times that on penalty steps, 0 on the
     others, so that its average over k consecutive steps estimates the mean penalty).
@@ -144,20 +146,19 @@ def make_loss_fn(score_fn: ScoreFn, sde, *, weighting: str = "sigma2",
 def _every_k_steps(penalised_loss: Callable, plain_loss: Callable, every: int) -> Callable:
     """loss_fn(params, x0, key, step): penalised_loss when step % every == 0, else plain_loss.
 
-    Differentiating a lax.cond makes both branches pay for the penalty's residuals (the
-    off steps measured as slow as penalty steps), so the gradient is computed inside the
-    cond instead, in the forward pass of a custom VJP, and only scaled in the backward
-    pass. Gradients flow to params only; x0, key and step get none.
+    A Python int step picks the branch while tracing (no conditional in the program: a
+    train loop can compile one step per branch and choose on the host). A traced step
+    selects with lax.cond. Differentiating a lax.cond makes both branches pay for the
+    penalty's residuals (off steps measured as slow as penalty steps), so the gradient is
+    computed inside the cond, in the forward pass of a custom VJP, and only scaled in the
+    backward pass. Gradients flow to params only; x0, key and step get none.
     """
     def select(params, x0, key, step, transform):
-        if step is None:
-            raise ValueError("loss.qc_every > 1 needs the train step: call "
-                             "loss_fn(params, x0, key, step).")
         return lax.cond(step % every == 0, transform(penalised_loss), transform(plain_loss),
                         params, x0, key)
 
     @jax.custom_vjp
-    def loss_fn(params, x0, key, step=None):
+    def traced_step_loss(params, x0, key, step):
         return select(params, x0, key, step, lambda fn: fn)
 
     def forward(params, x0, key, step):
@@ -168,5 +169,14 @@ def _every_k_steps(penalised_loss: Callable, plain_loss: Callable, every: int) -
         loss_cotangent, _ = cotangents
         return jax.tree.map(lambda g: loss_cotangent * g, grads), None, None, None
 
-    loss_fn.defvjp(forward, backward)
+    traced_step_loss.defvjp(forward, backward)
+
+    def loss_fn(params, x0, key, step=None):
+        if step is None:
+            raise ValueError("loss.qc_every > 1 needs the train step: call "
+                             "loss_fn(params, x0, key, step).")
+        if isinstance(step, (int, np.integer)):
+            return (penalised_loss if step % every == 0 else plain_loss)(params, x0, key)
+        return traced_step_loss(params, x0, key, step)
+
     return loss_fn

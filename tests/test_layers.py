@@ -208,4 +208,4 @@ def test_resnet_block_identity_shortcut_when_shapes_agree():
     assert block.shortcut is None
     x = jax.random.normal(jax.random.key(0), (1, 4, 4, 8))
     # With the output conv initialised to ~0 the block is the identity.
-    np.testing.assert_allclose(block(x, jnp.ones((1, 4))), x, atol=1e-5)
+    np.testing.assert_allclose(block(x, jnp.ones((1, 4))), x, atol=1e-4)

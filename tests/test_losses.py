@@ -170,6 +170,25 @@ def test_penalty_every_k_steps_averages_to_the_full_penalty():
                                rtol=1e-6)
 
 
+def test_penalty_every_k_steps_with_a_python_step_has_no_conditional():
+    score_fn, params = _toy_score_fn(seed=2)
+    x0 = jax.random.normal(jax.random.key(0), (16, DIM))
+    key = jax.random.key(3)
+    loss_fn = losses.make_loss_fn(score_fn, SDE, qc_weight=0.5, qc_every=3)
+    traced = jax.jit(jax.value_and_grad(lambda p, x, k, s: loss_fn(p, x, k, s)[0])).lower(
+        params, x0, key, jnp.int32(0)).compile()
+    assert " conditional(" in traced.as_text()
+    for step in (0, 4):
+        static = jax.jit(jax.value_and_grad(lambda p, x, k: loss_fn(p, x, k, step)[0])).lower(
+            params, x0, key).compile()
+        assert " conditional(" not in static.as_text()
+        (got, got_grads), (expected, grads) = (static(params, x0, key),
+                                               traced(params, x0, key, jnp.int32(step)))
+        np.testing.assert_allclose(got, expected, rtol=1e-6)
+        for g, e in zip(jax.tree.leaves(got_grads), jax.tree.leaves(grads)):
+            np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-8)
+
+
 def test_penalty_on_a_fraction_is_unbiased():
     """Closed form as in test_qc_term_is_sigma2_weighted_asymmetry, a quarter penalised."""
     a = jnp.array([[0.0, 0.7], [-0.7, 0.0]])

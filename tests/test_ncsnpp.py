@@ -67,13 +67,18 @@ def test_output_shape_and_dtype_for_every_option(name):
     assert out.shape == x.shape and out.dtype == x.dtype
 
 
+def fourier_frequencies(model):
+    """The model's only Buffer, as a NumPy array."""
+    (frequencies,) = jax.tree.leaves(nnx.state(model, Buffer))
+    return np.asarray(frequencies)
+
+
 def test_fourier_frequencies_are_a_fixed_buffer_outside_params():
     model, apply_fn, params = micro_model()
-    (frequencies,) = jax.tree.leaves(nnx.state(model, Buffer))
-    assert frequencies.shape == (SMALL["nf"],)
+    before = fourier_frequencies(model)
+    assert before.shape == (SMALL["nf"],)
     paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
     assert not any("frequencies" in p or "fourier" in p for p in paths)
-    before = np.array(frequencies)
 
     x, sigma = inputs()
     optimizer = optax.adamw(1e-2, weight_decay=0.1)
@@ -87,16 +92,12 @@ def test_fourier_frequencies_are_a_fixed_buffer_outside_params():
     new_params, grads = step(params)
     assert jax.tree.structure(grads) == jax.tree.structure(params)
     assert not np.allclose(apply_fn(new_params, x, sigma, None), apply_fn(params, x, sigma, None))
-    np.testing.assert_array_equal(jax.tree.leaves(nnx.state(model, Buffer))[0], before)
+    np.testing.assert_array_equal(fourier_frequencies(model), before)
     # Never checkpointed: the same seed rebuilds the same frequencies, another seed not.
     np.testing.assert_array_equal(
         fourier_frequencies(build(ch_mult=(1,), attn_resolutions=(8,))), before)
     assert not np.array_equal(
         fourier_frequencies(build(ch_mult=(1,), attn_resolutions=(8,), seed=1)), before)
-
-
-def fourier_frequencies(model):
-    return np.asarray(jax.tree.leaves(nnx.state(model, Buffer))[0])
 
 
 def test_dropout_is_a_deterministic_function_of_the_key():
@@ -170,7 +171,8 @@ def count_params(params):
 def expected_num_params(image_size, channels, nf, ch_mult, num_res_blocks,
                         attn_resolutions, embedding_type, progressive_input, **_):
     """Parameter count of score_sde's NCSN++ with BigGAN blocks, FIR or plain resampling
-    convs, progressive input 'residual' or 'none' and no progressive output."""
+    convs, progressive input 'residual', 'input_skip' (combined by 'sum') or 'none' and no
+    progressive output."""
     conv = lambda k, i, o: k * k * i * o + o  # noqa: E731
     dense = lambda i, o: i * o + o  # noqa: E731
     attention = lambda c: 2 * c + 4 * dense(c, c)  # noqa: E731
@@ -193,6 +195,8 @@ def expected_num_params(image_size, channels, nf, ch_mult, num_res_blocks,
             if progressive_input == "residual":
                 total += conv(3, pyramid, c)
                 pyramid = c
+            elif progressive_input == "input_skip":  # a 1x1 conv of the downsampled image
+                total += dense(channels, c)
             skips.append(c)
     total += 2 * resblock(c, c) + attention(c)
     for level in reversed(range(len(ch_mult))):
@@ -213,11 +217,14 @@ def test_parameter_count_matches_independent_count(preset):
 
 
 def test_deep_preset_parameter_counts():
-    """score_sde reports about 108M parameters for NCSN++ cont. (deep) on CIFAR-10."""
+    """score_sde reports about 108M parameters for NCSN++ cont. (deep) on CIFAR-10 with
+    progressive input 'residual'; 'input_skip' (PAPER.md) has fewer."""
     ncsnpp = expected_num_params(32, 3, **models.NCSNPP_DEEP)
     ddpmpp = expected_num_params(32, 3, **models.DDPMPP_DEEP)
     print(f"NCSN++ deep: {ncsnpp:,} parameters; DDPM++ deep: {ddpmpp:,}")
-    assert ncsnpp == 107_586_947 and ddpmpp == 106_632_579
+    assert ncsnpp == 106_700_675 and ddpmpp == 106_632_579
+    residual = dict(models.NCSNPP_DEEP, progressive_input="residual")
+    assert expected_num_params(32, 3, **residual) == 107_586_947
 
 
 def _config(name, **model):

@@ -12,7 +12,10 @@ import time
 import numpy as np
 import pytest
 
-from qcsbm_jax import train
+from PIL import Image
+
+from qcsbm_jax import config as config_lib, plotting, train
+from qcsbm_jax.data.toy import TOY_DATASETS
 from qcsbm_jax.experiments import toy_sweep
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -162,3 +165,19 @@ def test_parse_override():
         toy_sweep.parse_override("training.num_steps")
     with pytest.raises(KeyError, match="num_steps"):
         toy_sweep.run_config("gaussians8", "csbm", 0, overrides=("training.num_stepz=3",))
+
+
+def test_sample_figure_tiles_one_seeds_runs(tmp_path):
+    workdir = str(tmp_path)
+    names = [toy_sweep.run_name(d, f, 0) for d in TOY_DATASETS for f in config_lib.TOY_FAMILIES]
+    for i, name in enumerate(names):
+        tile = np.full((1, 6, 4, 3), i / 10.0)  # A 6 x 4 tile of a distinct grey per run.
+        plotting.image_grid_png(os.path.join(workdir, name, "eval", "samples.png"), tile,
+                                padding=0)
+        expected = None if i < len(names) - 1 else os.path.join(workdir, "samples_seed0.png")
+        assert toy_sweep.write_sample_figure(workdir, 0) == expected
+    figure = np.asarray(Image.open(expected))
+    assert figure.shape == (3 * (6 + 2) + 2, 3 * (4 + 2) + 2, 3)
+    for i in range(len(names)):  # Row-major: data sets down, families across.
+        top, left = 2 + (i // 3) * 8, 2 + (i % 3) * 6
+        assert np.all(figure[top:top + 6, left:left + 4] == round(255 * i / 10.0))

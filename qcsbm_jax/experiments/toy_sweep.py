@@ -26,7 +26,8 @@ Aggregation (after the sweep, or alone with --aggregate_only) covers every compl
 DIR, whatever command made it. DIR/results.json holds, per data set and family, the seeds
 and, for each of METRICS, the per-seed values, their mean and their sample standard
 deviation (ddof 1; null for a single seed). DIR/table.md has one markdown table per data set
-(rows: families; cells: mean ± std), which is also printed.
+(rows: families; cells: mean ± std), which is also printed. DIR/samples_seed<k>.png tiles
+the sample plots of seed k's runs once all nine are complete.
 """
 
 import ast
@@ -40,8 +41,9 @@ import jax
 import ml_collections
 import numpy as np
 from absl import app, flags, logging
+from PIL import Image
 
-from qcsbm_jax import config as config_lib
+from qcsbm_jax import config as config_lib, plotting
 from qcsbm_jax.data.toy import TOY_DATASETS
 
 METRICS = ("asym", "nasym", "score_error", "nll", "precision", "recall", "nfe",
@@ -188,14 +190,30 @@ def format_tables(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def write_sample_figure(workdir: str, seed: int) -> str | None:
+    """Tiles the eval/samples.png of one seed's runs into DIR/samples_seed<k>.png (rows:
+    data sets, columns: families); None unless all of them are complete."""
+    paths = [os.path.join(workdir, run_name(d, f, seed), "eval", "samples.png")
+             for d in TOY_DATASETS for f in config_lib.TOY_FAMILIES]
+    if not all(os.path.exists(p) for p in paths):
+        return None
+    tiles = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in paths])
+    return plotting.image_grid_png(os.path.join(workdir, f"samples_seed{seed}.png"),
+                                   tiles / 255.0, ncols=len(config_lib.TOY_FAMILIES))
+
+
 def write_summary(workdir: str) -> str:
-    """Aggregates the complete runs in workdir into results.json and table.md; the table."""
-    results = aggregate(load_runs(workdir))
+    """Aggregates the complete runs in workdir into results.json and table.md, tiles each
+    seed's sample plots (write_sample_figure); returns the table."""
+    runs = load_runs(workdir)
+    results = aggregate(runs)
     table = format_tables(results)
     _write_json(os.path.join(workdir, "results.json"), results)
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "table.md"), "w") as f:
             f.write(table)
+        for seed in sorted({seed for _, _, seed in runs}):
+            write_sample_figure(workdir, seed)
     return table
 
 
