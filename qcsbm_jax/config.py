@@ -49,7 +49,8 @@ def toy_config(dataset: str, family: str, variant: str | None = None) -> ml_coll
     c.model = dict(name="toy_mlp", family=model_family, output="residual",
                    widths=(64, 128, 256), noise_widths=(1, 1, 1))
     c.loss = dict(weighting="sigma2", qc_weight=qc_weight, estimator=estimator,
-                  probe="rademacher", num_probes=1, eps=1e-5)
+                  probe="rademacher", num_probes=1, qc_fraction=1.0, qc_every=1,
+                  jacobian_method="linearize", remat="none", eps=1e-5)
     c.optim = dict(learning_rate=7.5e-4, warmup_steps=0, grad_clip=1.0, b1=0.9, b2=0.999,
                    adam_eps=1e-8, ema_decay=0.0)
     c.training = dict(batch_size=5000, num_steps=4000 if dataset == "checkerboard" else 2000,
@@ -104,7 +105,8 @@ def image_config(dataset: str, family: str, variant: str | None = None,
     c.model = {**getattr(models, preset), "name": model, "family": model_family,
                "output": "scaled", "center_input": not c.data.centered}
     c.loss = dict(weighting="sigma2", qc_weight=qc_weight, estimator="nonneg",
-                  probe="rademacher", num_probes=1, eps=1e-5)
+                  probe="rademacher", num_probes=1, qc_fraction=1.0, qc_every=1,
+                  jacobian_method="linearize", remat="none", eps=1e-5)
     c.optim = dict(learning_rate=2e-4, warmup_steps=5000, grad_clip=1.0, b1=0.9, b2=0.999,
                    adam_eps=1e-8, ema_decay=0.999)
     c.training = dict(batch_size=128, num_steps=100_000 if fine_tune else 1_300_000,

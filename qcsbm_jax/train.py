@@ -47,7 +47,8 @@ def init_state(params: Any, optimizer: optax.GradientTransformation, seed: int) 
 
 
 def make_train_step(loss_fn, optimizer: optax.GradientTransformation, ema_decay: float):
-    """Returns train_step(state, batch [B, *S]) -> (state, metrics).
+    """Returns train_step(state, batch [B, *S]) -> (state, metrics) for
+    loss_fn(params, batch, key, step) -> (loss, metrics) (losses.make_loss_fn).
 
     A step whose loss or gradients are not finite leaves the state unchanged and reports
     metrics['nonfinite'] = 1, so a NaN never reaches the parameters or a checkpoint.
@@ -55,7 +56,7 @@ def make_train_step(loss_fn, optimizer: optax.GradientTransformation, ema_decay:
     def train_step(state: TrainState, batch: jax.Array):
         key = jax.random.fold_in(state.key, state.step)
         (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state.params, batch, key)
+            state.params, batch, key, state.step)
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
@@ -121,7 +122,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     loss_fn = losses.make_loss_fn(
         model.score_fn, model.sde, weighting=config.loss.weighting,
         qc_weight=config.loss.qc_weight, estimator=config.loss.estimator,
-        probe=config.loss.probe, num_probes=config.loss.num_probes, eps=config.loss.eps)
+        probe=config.loss.probe, num_probes=config.loss.num_probes,
+        qc_fraction=config.loss.qc_fraction, qc_every=config.loss.qc_every,
+        jacobian_method=config.loss.jacobian_method, remat=config.loss.remat,
+        eps=config.loss.eps)
 
     init = lambda p: init_state(p, optimizer, config.seed)
     sharding = parallel.state_sharding(mesh, jax.eval_shape(init, model.init_params))
