@@ -457,16 +457,19 @@ def run_model(name: str, n_devices: int, args: argparse.Namespace) -> list[dict]
         for batch in args.batch or sizes.train_batches:
             rows += bench_train(bench, _round_up(batch, n_devices), variants,
                                 args.rounds or (2 if args.quick else 5))
-    if "score" in args.sections:
-        rows += bench_score(bench, sample_batch)
-    if "pc" in args.sections:
-        rows += bench_pc(bench, sample_batch, sizes.pc_steps)
-    if "ode" in args.sections:
-        rows += bench_ode(bench, sample_batch)
-    if "likelihood" in args.sections:
-        rows += bench_likelihood(bench, sample_batch)
-    if "accuracy" in args.sections and n_devices == min(args.devices):
-        rows += bench_accuracy(bench, sizes.accuracy_batch, jnp.bfloat16)
+    sections = dict(score=lambda: bench_score(bench, sample_batch),
+                    pc=lambda: bench_pc(bench, sample_batch, sizes.pc_steps),
+                    ode=lambda: bench_ode(bench, sample_batch),
+                    likelihood=lambda: bench_likelihood(bench, sample_batch),
+                    accuracy=lambda: bench_accuracy(bench, sizes.accuracy_batch, jnp.bfloat16))
+    if n_devices != min(args.devices):
+        del sections["accuracy"]  # Device-independent: once per model.
+    for section, run in sections.items():
+        if section in args.sections:
+            start = time.perf_counter()
+            rows += run()
+            print(f"  {section} {name} x{n_devices}: {time.perf_counter() - start:.0f} s",
+                  flush=True)
     return [dict(row, dtype=row.get("dtype", args.dtype), tier=tier) for row in rows]
 
 

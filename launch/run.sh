@@ -17,7 +17,7 @@ Commands:
   local [--processes N] [CONFIG] [FLAGS...]
       Train, evaluate and sample on this machine (mode 'all'). CONFIG defaults to
       $DEFAULT_CONFIG (no download needed); the workdir defaults to
-      runs/<config name>. FLAGS go to qcsbm_jax.main, e.g. --mode=eval --workdir=DIR
+      runs/<config name>[_<variant>]. FLAGS go to qcsbm_jax.main, e.g. --mode=eval --workdir=DIR
       --config.training.num_steps=100. --processes N starts N processes of one job on
       this machine (CPU devices, gloo collectives; JAX_NUM_CPU_DEVICES devices each).
   tpu setup|run|stop|logs [--project P] [--zone Z] [--tpu NAME] [--workdir gs://...]
@@ -86,7 +86,8 @@ setup_test_data() {
 job_args() {
   CONFIG="$DEFAULT_CONFIG" SHIFT=0
   if [[ $# -gt 0 && "$1" != -* ]]; then CONFIG="$1"; SHIFT=1; fi
-  local name; name="$(basename "${CONFIG%%:*}" .py)"
+  local name variant; name="$(basename "${CONFIG%%:*}" .py)"
+  [[ "$CONFIG" == *:* ]] && variant="${CONFIG##*:}" && name="${name}_${variant}"
   ARGS=("--config=$CONFIG" "--mode=all" "--workdir=${WORKDIR_DEFAULT:-$ROOT/runs/$name}")
 }
 

@@ -239,6 +239,6 @@ def test_slurm_starts_one_process_per_gpu_or_per_node(fakes, per, tasks, local_i
     assert args[:5] == ["--nodes=2", f"--ntasks-per-node={tasks}", "--gpus-per-node=4",
                         "--kill-on-bad-exit=1", "--partition=gpu"]
     assert args[6:] == ["-m", "qcsbm_jax.main", f"--config={CONFIG}", "--mode=all",
-                        f"--workdir={ROOT}/runs/gaussians8_qcsbm", "--distributed=slurm",
+                        f"--workdir={ROOT}/runs/gaussians8_qcsbm_smoke", "--distributed=slurm",
                         "--mode=train"]
     assert srun["JAX_LOCAL_DEVICE_IDS"] == local_ids
