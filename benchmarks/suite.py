@@ -20,6 +20,7 @@ noise: timings do not depend on training, ODE NFE does (trained models need othe
 import argparse
 import dataclasses
 import datetime
+import functools
 import json
 import math
 import os
@@ -46,12 +47,9 @@ VARIANTS = {
     "qc_nonneg_separate": dict(estimator="nonneg", jacobian_method="separate"),
     "qc_nonneg_frac25": dict(estimator="nonneg", qc_fraction=0.25),
     "qc_nonneg_every4": dict(estimator="nonneg", qc_every=4),
-    "qc_nonneg_every4_host": dict(estimator="nonneg", qc_every=4),
     "qc_nonneg_remat": dict(estimator="nonneg", remat="dots"),
     "qc_exact": dict(estimator="exact"),
 }
-# Variants whose qc_every branch is chosen on the host: one compiled step per branch.
-HOST_SWITCHED = ("qc_nonneg_every4_host",)
 IMAGE_VARIANTS = tuple(v for v in VARIANTS if v != "qc_exact")
 ASYMMETRY_LEVELS = (1e-1, 1e-2, 1e-3, 1e-4)  # NAsym of the fields in the accuracy section
 
@@ -91,7 +89,7 @@ MODELS = {
     "ncsnpp_deep": ModelSpec(
         lambda: config_lib.image_config("cifar10", "usbm"), 1e-4,
         ("dsm", "qc_nonneg", "qc_jvp_vjp", "qc_two_vjp", "qc_nonneg_frac25",
-         "qc_nonneg_every4_host", "qc_nonneg_remat"),
+         "qc_nonneg_every4", "qc_nonneg_remat"),
         dict(quick=Sizes((1,), 1, 1, 2), cpu=Sizes((4,), 2, 2, 4),
              accelerator=Sizes((32, 128), 128, 100, 16))),
 }
@@ -191,18 +189,9 @@ class Bench:
 
 # ---------------------------------------------------------------------------- sections
 
-def _train_step(loss_fn, optimizer, ema_decay: float, step: int | None = None):
-    """train.make_train_step with the loss seeing the step (qc_every needs it): state.step,
-    or the Python int `step` (its branch is then fixed at compile time)."""
-    def train_step(state, batch):
-        def loss_at_step(params, x, key, *_):
-            return loss_fn(params, x, key, state.step if step is None else step)
-        return train.make_train_step(loss_at_step, optimizer, ema_decay)(state, batch)
-    return train_step
-
-
 def _programs(name: str, bench: Bench, optimizer) -> list[tuple[Callable, int]]:
-    """The jitted train steps of one variant and how many times a cycle runs each."""
+    """The jitted train steps of one variant and how many times a cycle of it runs each
+    (the every-k variants: the penalised program once, the plain one k - 1 times)."""
     cfg = bench.config
     options = VARIANTS[name]
     loss_fn = losses.make_loss_fn(
@@ -210,15 +199,11 @@ def _programs(name: str, bench: Bench, optimizer) -> list[tuple[Callable, int]]:
         **({} if options is None else dict(qc_weight=bench.spec.qc_weight, **options)))
     every = (options or {}).get("qc_every", 1)
     replicated = parallel.replicated(bench.mesh)
-
-    def jit(step):
-        return jax.jit(_train_step(loss_fn, optimizer, cfg.optim.ema_decay, step),
-                       in_shardings=(replicated, parallel.data_sharding(bench.mesh)),
-                       out_shardings=(replicated, replicated), donate_argnums=0)
-
-    if name in HOST_SWITCHED:
-        return [(jit(0), 1), (jit(1), every - 1)]
-    return [(jit(None), every)]
+    step_for = train.make_step_selector(
+        loss_fn, optimizer, cfg.optim.ema_decay, every,
+        functools.partial(jax.jit, in_shardings=(replicated, parallel.data_sharding(bench.mesh)),
+                          out_shardings=(replicated, replicated), donate_argnums=0))
+    return [(step_for(0), 1)] + ([(step_for(1), every - 1)] if every > 1 else [])
 
 
 def bench_train(bench: Bench, batch: int, variants: list[str], rounds: int) -> list[dict]:
@@ -242,9 +227,7 @@ def bench_train(bench: Bench, batch: int, variants: list[str], rounds: int) -> l
             cycle.append((compiled, count))
             memory.append(_memory_mb(compiled))
             gflops = _gflops(compiled)
-            # XLA's count for a program with a conditional adds up both branches.
-            flops.append(None if gflops is None or " conditional(" in compiled.as_text()
-                         else gflops * count)
+            flops.append(None if gflops is None else gflops * count)
         cycles[name] = cycle
         steps = sum(count for _, count in cycle)
         info[name] = dict(compile_s=compile_s,
@@ -521,23 +504,30 @@ def format_table(rows: list[dict], section: str) -> str:
     return "\n".join(lines)
 
 
+def _write_json(path: str, result: dict) -> None:
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
+
+
 def main(args: argparse.Namespace) -> dict:
+    """Runs every (device count, model) in turn; prints each one's tables as it finishes
+    and rewrites --json after each, so a run cut short keeps what it measured."""
     start = machine()
     print(f"# {datetime.datetime.now().isoformat(timespec='seconds')} on {start['backend']} "
           f"({start['device_kind']} x{start['device_count']}; {start['cpu']}, "
           f"{start['cpu_count']} cores), load average {start['load_average']}", flush=True)
-    rows = []
+    result = dict(args=vars(args), machine=start, rows=[])
     for n_devices in args.devices:
         for name in args.models:
-            rows += run_model(name, n_devices, args)
-    result = dict(args=vars(args), machine=start,
-                  load_average_end=os.getloadavg(), rows=rows)
-    for section in COLUMNS:
-        section_rows = [r for r in rows if r["section"] == section]
-        if section_rows:
-            print(f"\n## {section}\n\n{format_table(section_rows, section)}")
-    print(f"\nload average at the end: {result['load_average_end']}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+            rows = run_model(name, n_devices, args)
+            result["rows"] += rows
+            result["load_average_end"] = os.getloadavg()
+            for section in COLUMNS:
+                section_rows = [r for r in rows if r["section"] == section]
+                if section_rows:
+                    print(f"\n## {section}: {name}, {n_devices} device(s)\n\n"
+                          f"{format_table(section_rows, section)}", flush=True)
+            print(f"\nload average now: {result['load_average_end']}\n", flush=True)
+            if args.json:
+                _write_json(args.json, result)
     return result

@@ -122,10 +122,10 @@ def image_config(dataset: str, family: str, variant: str | None = None,
     c.parallel = dict(data_axis=-1, model_axis=1)
 
     if variant == "small":
-        c.model.update(nf=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(8,),
+        c.model.update(nf=16, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(8,),
                        dropout=0.0)
         c.optim.update(learning_rate=1e-3, warmup_steps=200)
-        c.training.update(batch_size=64, num_steps=2000 if fine_tune else 6000,
+        c.training.update(batch_size=32, num_steps=300 if fine_tune else 3000,
                           checkpoint_every=500)
         if fine_tune:
             c.training.init_from += "_small"

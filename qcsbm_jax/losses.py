@@ -17,8 +17,10 @@ J v and J^T v, and their gradient; docs/benchmarks.md). Two unbiased ways to pay
     average over any k consecutive steps, and so its expected gradient over training, is
     the full penalty's, and qc_weight keeps its meaning for every k. The k-times larger
     gradient on penalty steps is what clipping and Adam see: fine while the penalty's
-    gradient is small next to the DSM gradient (lambda = 1e-4 on images). The loss then
-    takes the step and is differentiable with respect to params only.
+    gradient is small next to the DSM gradient (lambda = 1e-4 on images). The step is a
+    Python int, so each program is branch-free and a train loop compiles one per branch
+    (train.make_step_selector); a lax.cond on a traced step ran far slower than either
+    branch on CPU, and its gradient would keep both branches' residuals.
 remat: 'dots' or 'full' wraps the score function in jax.checkpoint, saving only matmul and
 convolution outputs ('dots') or nothing ('full') for the backward pass: less memory, more
 compute.
@@ -30,7 +32,6 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 
 from qcsbm_jax import asymmetry
 from qcsbm_jax.score import ScoreFn
@@ -80,9 +81,8 @@ def make_loss_fn(score_fn: ScoreFn, sde, *, weighting: str = "sigma2",
                  eps: float = 1e-5) -> Callable:
     """Returns `loss_fn(params, x0, key, step=None) -> (loss, metrics)` for a batch x0 [B, *S].
 
-    step: the train step, required when qc_every > 1: a traced integer scalar (the
-    penalty is then selected by lax.cond and the loss is differentiable with respect to
-    params only) or a Python int (the branch is chosen while tracing; see _every_k_steps).
+    step: the train step as a Python int, required when qc_every > 1 (it picks the branch
+    while tracing; ignored otherwise).
     metrics: 'loss', 'dsm' and, when qc_weight > 0, 'qc': the mean unweighted penalty of
     the penalised samples (with qc_every = k: k times that on penalty steps, 0 on the
     others, so that its average over k consecutive steps estimates the mean penalty).
@@ -131,52 +131,20 @@ def make_loss_fn(score_fn: ScoreFn, sde, *, weighting: str = "sigma2",
         metrics["loss"] = loss
         return loss, metrics
 
-    if qc_weight == 0 or qc_every == 1:
-        scale = 1.0 if qc_weight > 0 else 0.0
-
-        def loss_fn(params, x0, key, step=None):
-            del step  # Every step is alike.
-            return batch_loss(params, x0, key, scale)
-
-        return loss_fn
-    return _every_k_steps(lambda *args: batch_loss(*args, float(qc_every)),
-                          lambda *args: batch_loss(*args, 0.0), qc_every)
-
-
-def _every_k_steps(penalised_loss: Callable, plain_loss: Callable, every: int) -> Callable:
-    """loss_fn(params, x0, key, step): penalised_loss when step % every == 0, else plain_loss.
-
-    A Python int step picks the branch while tracing (no conditional in the program: a
-    train loop can compile one step per branch and choose on the host). A traced step
-    selects with lax.cond. Differentiating a lax.cond makes both branches pay for the
-    penalty's residuals (off steps measured as slow as penalty steps), so the gradient is
-    computed inside the cond, in the forward pass of a custom VJP, and only scaled in the
-    backward pass. Gradients flow to params only; x0, key and step get none.
-    """
-    def select(params, x0, key, step, transform):
-        return lax.cond(step % every == 0, transform(penalised_loss), transform(plain_loss),
-                        params, x0, key)
-
-    @jax.custom_vjp
-    def traced_step_loss(params, x0, key, step):
-        return select(params, x0, key, step, lambda fn: fn)
-
-    def forward(params, x0, key, step):
-        return select(params, x0, key, step,
-                      lambda fn: jax.value_and_grad(fn, has_aux=True))
-
-    def backward(grads, cotangents):
-        loss_cotangent, _ = cotangents
-        return jax.tree.map(lambda g: loss_cotangent * g, grads), None, None, None
-
-    traced_step_loss.defvjp(forward, backward)
-
-    def loss_fn(params, x0, key, step=None):
+    def penalty_scale(step) -> float:
+        if qc_weight == 0:
+            return 0.0
+        if qc_every == 1:
+            return 1.0
         if step is None:
             raise ValueError("loss.qc_every > 1 needs the train step: call "
                              "loss_fn(params, x0, key, step).")
-        if isinstance(step, (int, np.integer)):
-            return (penalised_loss if step % every == 0 else plain_loss)(params, x0, key)
-        return traced_step_loss(params, x0, key, step)
+        if not isinstance(step, (int, np.integer)):
+            raise TypeError(f"loss.qc_every > 1 needs the step as a Python int, got {step!r}; "
+                            "compile one program per branch (train.make_step_selector).")
+        return float(qc_every) if step % qc_every == 0 else 0.0
+
+    def loss_fn(params, x0, key, step=None):
+        return batch_loss(params, x0, key, penalty_scale(step))
 
     return loss_fn

@@ -1,7 +1,9 @@
 """Training: the state pytree, the jitted step and the checkpointed loop."""
 
+import functools
 import signal
 import time
+from collections.abc import Callable
 from typing import Any
 
 import flax
@@ -48,7 +50,7 @@ def init_state(params: Any, optimizer: optax.GradientTransformation, seed: int) 
 
 def make_train_step(loss_fn, optimizer: optax.GradientTransformation, ema_decay: float):
     """Returns train_step(state, batch [B, *S]) -> (state, metrics) for
-    loss_fn(params, batch, key, step) -> (loss, metrics) (losses.make_loss_fn).
+    loss_fn(params, batch, key) -> (loss, metrics).
 
     A step whose loss or gradients are not finite leaves the state unchanged and reports
     metrics['nonfinite'] = 1, so a NaN never reaches the parameters or a checkpoint.
@@ -56,7 +58,7 @@ def make_train_step(loss_fn, optimizer: optax.GradientTransformation, ema_decay:
     def train_step(state: TrainState, batch: jax.Array):
         key = jax.random.fold_in(state.key, state.step)
         (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state.params, batch, key, state.step)
+            state.params, batch, key)
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
@@ -74,6 +76,26 @@ def make_train_step(loss_fn, optimizer: optax.GradientTransformation, ema_decay:
         return new, metrics
 
     return train_step
+
+
+def make_step_selector(loss_fn, optimizer: optax.GradientTransformation, ema_decay: float,
+                       qc_every: int, jit: Callable = jax.jit) -> Callable[[int], Callable]:
+    """Returns step_for(step) -> the jitted train step to run at host step `step`.
+
+    loss_fn(params, batch, key, step) is losses.make_loss_fn's. With qc_every = k > 1 there
+    are two programs, both without a conditional: the penalised one for step % k == 0, the
+    plain DSM one otherwise, each compiled by `jit` on first use.
+    """
+    programs = {}
+
+    def step_for(step: int) -> Callable:
+        phase = 0 if step % qc_every == 0 else 1
+        if phase not in programs:
+            programs[phase] = jit(make_train_step(
+                functools.partial(loss_fn, step=phase), optimizer, ema_decay))
+        return programs[phase]
+
+    return step_for
 
 
 PREEMPTED_EXIT_CODE = 128 + signal.SIGTERM  # 143, what a shell reports for a SIGTERM'd process.
@@ -132,10 +154,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     state = jax.jit(init, out_shardings=sharding)(model.init_params)
     metadata = {"config": config.to_dict(),
                 "signature": experiment.model_signature(config, model.init_params)}
-    train_step = jax.jit(make_train_step(loss_fn, optimizer, config.optim.ema_decay),
-                         in_shardings=(sharding, parallel.data_sharding(mesh)),
-                         out_shardings=(sharding, parallel.replicated(mesh)),
-                         donate_argnums=0)
+    qc_every = config.loss.qc_every if config.loss.qc_weight > 0 else 1
+    train_step_for = make_step_selector(
+        loss_fn, optimizer, config.optim.ema_decay, qc_every,
+        functools.partial(jax.jit, in_shardings=(sharding, parallel.data_sharding(mesh)),
+                          out_shardings=(sharding, parallel.replicated(mesh)),
+                          donate_argnums=0))
 
     local_batch = data.make_train_batches(config)
 
@@ -168,7 +192,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
         history = []
         try:
             for step in range(start, num_steps):
-                state, metrics = train_step(state, batch_at(step))
+                state, metrics = train_step_for(step)(state, batch_at(step))
                 history.append(metrics)
                 done = step + 1
                 report(done, time.time())

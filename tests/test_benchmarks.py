@@ -25,7 +25,7 @@ def test_quick_run_on_two_devices(tmp_path):
     rows = result["rows"]
     assert {r["section"] for r in rows} == set(SECTIONS)
     for section in SECTIONS:
-        assert f"## {section}" in done.stdout
+        assert f"## {section}: toy, 2 device(s)" in done.stdout
     assert result["machine"]["backend"] == "cpu" and len(result["machine"]["load_average"]) == 3
 
     train = [r for r in rows if r["section"] == "train"]

@@ -152,10 +152,11 @@ def test_penalty_every_k_steps_averages_to_the_full_penalty():
     key = jax.random.key(3)
     full_fn = losses.make_loss_fn(score_fn, SDE, qc_weight=0.5)
     every_fn = jax.jit(jax.value_and_grad(
-        losses.make_loss_fn(score_fn, SDE, qc_weight=0.5, qc_every=3), has_aux=True))
+        losses.make_loss_fn(score_fn, SDE, qc_weight=0.5, qc_every=3), has_aux=True),
+        static_argnums=3)
     (loss, metrics), grads = jax.jit(jax.value_and_grad(full_fn, has_aux=True))(
         params, x0, key)
-    steps = [every_fn(params, x0, key, jnp.int32(s)) for s in range(3)]
+    steps = [every_fn(params, x0, key, s) for s in range(3)]
     np.testing.assert_allclose(np.mean([s[0][0] for s in steps]), loss, rtol=1e-6)
     np.testing.assert_allclose(np.mean([s[0][1]["qc"] for s in steps]), metrics["qc"],
                                rtol=1e-6)
@@ -166,27 +167,8 @@ def test_penalty_every_k_steps_averages_to_the_full_penalty():
     for g, e in zip(jax.tree.leaves(mean_grads), jax.tree.leaves(grads)):
         np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-7)
     # The cycle repeats: step 3 penalises like step 0.
-    np.testing.assert_allclose(every_fn(params, x0, key, jnp.int32(3))[0][0], steps[0][0][0],
+    np.testing.assert_allclose(every_fn(params, x0, key, 3)[0][0], steps[0][0][0],
                                rtol=1e-6)
-
-
-def test_penalty_every_k_steps_with_a_python_step_has_no_conditional():
-    score_fn, params = _toy_score_fn(seed=2)
-    x0 = jax.random.normal(jax.random.key(0), (16, DIM))
-    key = jax.random.key(3)
-    loss_fn = losses.make_loss_fn(score_fn, SDE, qc_weight=0.5, qc_every=3)
-    traced = jax.jit(jax.value_and_grad(lambda p, x, k, s: loss_fn(p, x, k, s)[0])).lower(
-        params, x0, key, jnp.int32(0)).compile()
-    assert " conditional(" in traced.as_text()
-    for step in (0, 4):
-        static = jax.jit(jax.value_and_grad(lambda p, x, k: loss_fn(p, x, k, step)[0])).lower(
-            params, x0, key).compile()
-        assert " conditional(" not in static.as_text()
-        (got, got_grads), (expected, grads) = (static(params, x0, key),
-                                               traced(params, x0, key, jnp.int32(step)))
-        np.testing.assert_allclose(got, expected, rtol=1e-6)
-        for g, e in zip(jax.tree.leaves(got_grads), jax.tree.leaves(grads)):
-            np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-8)
 
 
 def test_penalty_on_a_fraction_is_unbiased():
@@ -229,7 +211,9 @@ def test_bad_cost_options(option, value):
         losses.make_loss_fn(_exact_score, SDE, qc_weight=1.0, **{option: value})
 
 
-def test_qc_every_needs_the_step():
+def test_qc_every_needs_the_step_as_a_python_int():
     loss_fn = losses.make_loss_fn(_exact_score, SDE, qc_weight=1.0, qc_every=2)
     with pytest.raises(ValueError, match="step"):
         loss_fn(None, jnp.zeros((4, DIM)), jax.random.key(0))
+    with pytest.raises(TypeError, match="Python int"):
+        jax.jit(loss_fn)(None, jnp.zeros((4, DIM)), jax.random.key(0), 0)

@@ -49,7 +49,7 @@ def test_training_reduces_loss(family):
 
 
 def test_nonfinite_step_leaves_state_unchanged():
-    def nan_loss(params, batch, key, step):
+    def nan_loss(params, batch, key):
         loss = jnp.sum(params["w"] * batch.sum()) * jnp.nan
         return loss, {"loss": loss}
 
@@ -64,26 +64,31 @@ def test_nonfinite_step_leaves_state_unchanged():
         np.testing.assert_array_equal(a, b)
 
 
-def test_penalty_every_k_steps_follows_the_state_step():
-    """The train step passes its step to the loss: with qc_every=2 the QC penalty is
-    computed on even steps only (and scaled by 2 there, losses.make_loss_fn)."""
+def test_penalty_every_k_steps_follows_the_host_step():
+    """With qc_every=2 the selector runs the penalised program on even steps only (scaled
+    by 2 there, losses.make_loss_fn) and the plain one otherwise, neither with a conditional."""
     config = _smoke("qcsbm")
     model = experiment.build_score_model(config)
     loss_fn = losses.make_loss_fn(model.score_fn, model.sde, qc_weight=0.1, estimator="exact",
                                   qc_every=2)
     optimizer = train.make_optimizer(config.optim)
-    step_fn = jax.jit(train.make_train_step(loss_fn, optimizer, 0.0))
+    step_for = train.make_step_selector(loss_fn, optimizer, 0.0, qc_every=2)
+    assert step_for(0) is step_for(2) and step_for(1) is step_for(3)
+    assert step_for(0) is not step_for(1)
     state = train.init_state(model.init_params, optimizer, 0)
     penalties = []
     for step in range(4):
-        state, metrics = step_fn(state, _batch(config, step))
+        program = step_for(step)
+        assert " conditional(" not in program.lower(state, _batch(config, step)).as_text()
+        state, metrics = program(state, _batch(config, step))
         penalties.append(float(metrics["qc"]))
     assert penalties[1] == penalties[3] == 0.0
     assert penalties[0] > 0 and penalties[2] > 0
+    assert int(state.step) == 4
 
 
 def test_ema_follows_its_formula():
-    def loss(params, batch, key, step):
+    def loss(params, batch, key):
         value = jnp.sum((params["w"] - 1.0) ** 2)
         return value, {"loss": value}
 
