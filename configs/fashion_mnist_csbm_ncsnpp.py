@@ -1,7 +1,7 @@
 """fashion_mnist, C-NCSN++ (constrained: score = -grad of 1/2 ||F / sigma||^2) (PAPER.md, experiment 3).
 
-Append ':small' to the path for a network that trains on a CPU in minutes, ':smoke' for a
-seconds-long test run.
+Append ':small' to the path for a small network (about 40 minutes on a 2-core CPU),
+':smoke' for a seconds-long test run.
 """
 
 from qcsbm_jax.config import image_config
