@@ -129,8 +129,9 @@ def image_config(dataset: str, family: str, variant: str | None = None,
                           checkpoint_every=500)
         if fine_tune:
             c.training.init_from += "_small"
-        c.sampling.update(num_samples=64, batch_size=64, num_steps=500)
-        c.eval.update(num_test=128, batch_size=128)
+        c.sampling.update(num_samples=36, batch_size=36, num_steps=500)
+        # Tolerance 1e-3: 63 instead of 498 NFE per image, bpd 0.013 higher (8 test images).
+        c.eval.update(num_test=64, batch_size=64, rtol=1e-3, atol=1e-3, num_samples=36)
     elif variant == "smoke":
         c.model.update(nf=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(16,),
                        dropout=0.1)
