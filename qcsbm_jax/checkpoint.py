@@ -115,6 +115,11 @@ def check_compatible(saved_metadata: dict, current_metadata: dict,
             f"differs in:{_listing(lines)}\n{advice}")
 
 
+def _absolute(path: str) -> str:
+    """A local path made absolute (orbax restores only from absolute paths); URLs as given."""
+    return path if "://" in path else os.path.abspath(path)
+
+
 class Checkpointer:
     """Saves and restores (state, metadata) under WORKDIR/checkpoints.
 
@@ -128,7 +133,7 @@ class Checkpointer:
 
     def __init__(self, workdir: str, *, max_to_keep: int = 3, save_interval_steps: int = 1,
                  async_save: bool = True, read_only: bool = False):
-        self.directory = os.path.join(os.fspath(workdir), "checkpoints")
+        self.directory = os.path.join(_absolute(os.fspath(workdir)), "checkpoints")
         self._read_only = read_only
         self._advice = (READ_ONLY_ADVICE if read_only
                         else _fresh_start_advice(self.directory))

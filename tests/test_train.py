@@ -120,15 +120,17 @@ def test_interrupted_run_resumes_exactly(tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
-def test_init_from_fine_tunes_the_parameters_of_another_run(tmp_path):
-    """QCSBM from a trained USBM: its params and EMA, a fresh optimizer, step 0."""
-    source = str(tmp_path / "usbm")
+def test_init_from_fine_tunes_the_parameters_of_another_run(tmp_path, monkeypatch):
+    """QCSBM from a trained USBM: its params and EMA, a fresh optimizer, step 0. Relative
+    workdirs, as in the image configs (init_from = runs/<dataset>_usbm_ncsnpp)."""
+    monkeypatch.chdir(tmp_path)
+    source = "runs/usbm"
     usbm = _smoke("usbm", **{"training.num_steps": 20, "optim.ema_decay": 0.9})
     trained = train.train(usbm, source)
     # Another optimizer (warm-up adds a schedule state): only the parameters carry over.
     qcsbm = _smoke("qcsbm", **{"training.num_steps": 0, "training.init_from": source,
                                "optim.warmup_steps": 10})
-    start = train.train(qcsbm, str(tmp_path / "qcsbm"))
+    start = train.train(qcsbm, "runs/qcsbm")
     assert int(start.step) == 0
     fresh = train.make_optimizer(qcsbm.optim).init(trained.params)
     for a, b in zip(jax.tree.leaves((start.params, start.ema_params, start.opt_state)),
@@ -139,9 +141,9 @@ def test_init_from_fine_tunes_the_parameters_of_another_run(tmp_path):
 
     # Once the fine-tune has its own checkpoint it resumes from it; init_from is not read.
     fine_tune = _smoke("qcsbm", **{"training.num_steps": 10, "training.init_from": source})
-    tuned = train.train(fine_tune, str(tmp_path / "qcsbm"))
+    tuned = train.train(fine_tune, "runs/qcsbm")
     gone = _smoke("qcsbm", **{"training.num_steps": 10, "training.init_from": "/nonexistent"})
-    resumed = train.train(gone, str(tmp_path / "qcsbm"))
+    resumed = train.train(gone, "runs/qcsbm")
     assert int(tuned.step) == int(resumed.step) == 10
     for a, b in zip(jax.tree.leaves(resumed.params), jax.tree.leaves(tuned.params)):
         np.testing.assert_array_equal(a, b)
