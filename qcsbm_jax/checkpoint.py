@@ -97,6 +97,13 @@ def _fresh_start_advice(checkpoints_dir: str) -> str:
             "this run from scratch.")
 
 
+def move_aside_advice(step_dir: str) -> str:
+    """What to do with an unreadable step: set it aside (not delete it: the read may have
+    failed for another reason), which makes the previous step the newest."""
+    return (f"Move {step_dir} out of {os.path.dirname(step_dir)} (keep it until you know "
+            "it is damaged) to fall back to the previous step, then rerun.")
+
+
 def check_compatible(saved_metadata: dict, current_metadata: dict,
                      advice: str | None = None) -> None:
     """Raises IncompatibleCheckpointError unless both model signatures agree.
@@ -179,7 +186,8 @@ class Checkpointer:
         except ocp.checkpoint_manager.StepAlreadyExistsError as e:
             raise CheckpointError(
                 f"{self.step_dir(step)} already exists. If it is a damaged checkpoint that "
-                "restore_latest_valid skipped, delete that directory and rerun.") from e
+                f"restore_latest_valid skipped: {move_aside_advice(self.step_dir(step))}"
+                ) from e
 
     def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict]:
         """Restores `step` (default: the newest) onto the shapes, dtypes and shardings of
@@ -267,6 +275,6 @@ class Checkpointer:
     def _corrupt(self, step: int, error: Exception) -> CorruptCheckpointError:
         reason = (str(error).splitlines() or [""])[0][:300]
         return CorruptCheckpointError(
-            f"The checkpoint {self.step_dir(step)} is incomplete or damaged "
-            f"({type(error).__name__}: {reason}). Delete {self.step_dir(step)} to fall back "
-            "to the previous step.")
+            f"The checkpoint {self.step_dir(step)} could not be read "
+            f"({type(error).__name__}: {reason}); it looks incomplete or damaged. "
+            f"{move_aside_advice(self.step_dir(step))}")

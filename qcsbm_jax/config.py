@@ -7,7 +7,7 @@ misspelt key fails at once with the list of valid keys.
 
 import ml_collections
 
-from qcsbm_jax import asymmetry, losses, models, score
+from qcsbm_jax import asymmetry, likelihood, losses, models, sampling, score
 from qcsbm_jax.data import images
 from qcsbm_jax.data.images import IMAGE_DATASETS
 from qcsbm_jax.data.toy import TOY_DATASETS
@@ -156,7 +156,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
         ("loss.estimator", config.loss.estimator, asymmetry.ESTIMATORS),
         ("loss.probe", config.loss.probe, asymmetry.PROBES),
         ("sampling.method", config.sampling.method, ("ode", "pc")),
-        ("eval.divergence", config.eval.divergence, ("exact", "hutchinson")),
+        ("sampling.predictor", config.sampling.predictor, sampling.PREDICTORS),
+        ("sampling.corrector", config.sampling.corrector, sampling.CORRECTORS),
+        # Images: the exact divergence would need one jvp per pixel per ODE step.
+        ("eval.divergence", config.eval.divergence,
+         likelihood.DIVERGENCES if config.data.name in TOY_DATASETS else ("hutchinson",)),
     ]
     for key, value, valid in checks:
         if value not in valid:

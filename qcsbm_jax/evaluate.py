@@ -1,12 +1,15 @@
 """Evaluation (--mode eval) and sampling (--mode sample) of a trained model.
 
 Toy data (PAPER.md, experiment 2), on eval.num_points fresh points:
-  asym, nasym      exact Jacobian, mean over test points and `eval.num_levels` times
+  asym, nasym      exact Jacobian, per point; means over test points and then over the
+                   `eval.num_levels` times
   score_error      1/2 E||s - s*||^2, s* the exact score of the training set convolved
                    with the perturbation kernel, same times
   nll, nll_nfe     -log p(x) in nats by the probability-flow ODE (eval.divergence)
   precision,recall k-NN precision/recall of ODE samples against test points
   nfe              mean number of score evaluations per ODE sample
+  failed_samples   ODE samples that failed (NaN rows, left out of precision/recall)
+A failed ODE solve (NaN) is logged as a warning; a failed likelihood solve makes nll NaN.
 
 Image data (experiment 3), on the test split (its first eval.num_test images; 0 = all):
   bpd              bits/dim of the uniformly dequantized images, by the probability-flow
@@ -56,7 +59,7 @@ from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_utils
 
 from qcsbm_jax import (asymmetry, checkpoint, experiment, likelihood, metrics, parallel,
-                       plotting, sampling, train)
+                       plotting, sampling)
 from qcsbm_jax.data import images, toy
 
 EVAL_DIR = "eval"
@@ -118,27 +121,27 @@ def restore_params(config: ml_collections.ConfigDict, workdir: str,
     """The parameters to evaluate (EMA when ema_decay > 0), replicated, and their step.
 
     step None: the newest readable checkpoint in workdir/checkpoints; otherwise that step.
+    Only the parameters and the step are read, so the optimizer settings (schedule,
+    clipping) may differ from training's.
     """
-    optimizer = train.make_optimizer(config.optim)
     replicated = parallel.replicated(mesh)
-    abstract = jax.eval_shape(lambda p: train.init_state(p, optimizer, config.seed),
-                              model.init_params)
-    abstract = jax.tree.map(
-        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated), abstract)
-    metadata = {"config": config.to_dict(),
-                "signature": experiment.model_signature(config, model.init_params)}
-    with checkpoint.Checkpointer(workdir) as ckpt:
-        if step is not None:
-            state, saved = ckpt.restore(abstract, step)
-        elif ckpt.latest_step() is None:
+    params = jax.tree.map(
+        lambda p: jax.ShapeDtypeStruct(np.shape(p), np.asarray(p).dtype, sharding=replicated),
+        model.init_params)
+    which = "ema_params" if config.optim.ema_decay > 0 else "params"
+    target = {"step": jax.ShapeDtypeStruct((), np.int32, sharding=replicated), which: params}
+    with checkpoint.Checkpointer(workdir, read_only=True) as ckpt:
+        if ckpt.latest_step() is None:
             raise FileNotFoundError(
                 f"No checkpoint in {workdir}/checkpoints. Train first with --mode train "
                 "(or --mode all), or point --workdir at a trained run.")
-        else:
-            state, saved = ckpt.restore_latest_valid(abstract)
-    checkpoint.check_compatible(saved, metadata)
-    params = state.ema_params if config.optim.ema_decay > 0 else state.params
-    return params, int(state.step)
+        restored, saved = (ckpt.restore(target, step) if step is not None
+                           else ckpt.restore_latest_valid(target))
+    checkpoint.check_compatible(
+        saved, {"signature": experiment.model_signature(config, model.init_params)},
+        advice="Evaluate with the config the run was trained with, or point --workdir at a "
+               "run of this model (same network, family and data).")
+    return restored[which], int(restored["step"])
 
 
 def likelihood_inputs(key_data: jax.Array, data: jax.Array, *, divergence: str,
@@ -310,6 +313,18 @@ def _perturb(x0: np.ndarray, t: float, sde, rng: np.random.Generator):
     return np.asarray(mean) + np.asarray(std)[:, None] * noise, times, float(std[0])
 
 
+def _finite_rows(solves: str, values, consequence: str) -> np.ndarray:
+    """Mask [N] of the rows of values [N, *] without NaN or inf (a failed ODE solve gives a
+    NaN row); logs a warning naming the failures and their consequence."""
+    values = np.asarray(values)
+    finite = np.all(np.isfinite(values.reshape(len(values), -1)), axis=1)
+    if not finite.all():
+        logging.warning("%d of %d %s ODE solves failed (NaN); %s. Raise eval.rtol/atol or "
+                        "check the model.", len(finite) - finite.sum(), len(finite), solves,
+                        consequence)
+    return finite
+
+
 def make_toy_evaluator(config, model, mesh) -> Callable[[Any], Evaluation]:
     """evaluate_params(params) -> Evaluation with every toy metric of experiment 2."""
     ev, sde, score_fn = config.eval, model.sde, model.score_fn
@@ -343,11 +358,17 @@ def make_toy_evaluator(config, model, mesh) -> Callable[[Any], Evaluation]:
                             f"score_error/level_{i}": float(err.mean())})
         results = _with_level_means(results, ("asym", "nasym", "score_error"), len(times))
         nll, nll_nfe = nll_fn(params, test_data)
+        _finite_rows("likelihood", nll, "nll is NaN")
         results.update(nll=float(nll.mean()), nll_nfe=float(nll_nfe.mean()))
         samples, nfe = sample_fn(params, ev.num_samples, ev.seed)
-        precision, recall = metrics.precision_recall(
-            jnp.asarray(test_data[:ev.num_samples]), jnp.asarray(samples), k=ev.pr_k)
-        results.update(precision=float(precision), recall=float(recall), nfe=float(nfe.mean()))
+        finite = _finite_rows("sampling", samples, "precision and recall use the others")
+        precision = recall = float("nan")
+        if finite.sum() > ev.pr_k:
+            precision, recall = metrics.precision_recall(
+                jnp.asarray(test_data[:ev.num_samples]), jnp.asarray(samples[finite]),
+                k=ev.pr_k)
+        results.update(precision=float(precision), recall=float(recall), nfe=float(nfe.mean()),
+                       failed_samples=float(len(samples) - finite.sum()))
         return Evaluation(results, times / sde.T, samples, test_data[:len(samples)])
 
     return evaluate_params
@@ -371,9 +392,6 @@ def load_test_images(config, data_shape: tuple[int, ...]) -> np.ndarray:
 def make_image_evaluator(config, model, mesh) -> Callable[[Any], Evaluation]:
     """evaluate_params(params) -> Evaluation with the image metrics (module doc)."""
     ev, centered = config.eval, config.data.centered
-    if ev.divergence != "hutchinson":
-        raise ValueError(f"--config.eval.divergence={ev.divergence!r} needs one jvp per pixel "
-                         "per ODE step; use 'hutchinson' for images.")
     test_uint8 = load_test_images(config, model.data_shape)
     test_float = np.asarray(images.to_float(test_uint8, centered), np.float32)
     dims = int(np.prod(model.data_shape))
@@ -384,10 +402,7 @@ def make_image_evaluator(config, model, mesh) -> Callable[[Any], Evaluation]:
 
     def evaluate_params(params) -> Evaluation:
         nll, nll_nfe = nll_fn(params, test_uint8)
-        failed = int(np.sum(~np.isfinite(nll)))
-        if failed:
-            logging.warning("%d of %d likelihood ODE solves failed (NaN); bpd is NaN. Raise "
-                            "eval.rtol/atol or check the model.", failed, len(nll))
+        _finite_rows("likelihood", nll, "bpd is NaN")
         bpd = likelihood.bits_per_dim(nll, dims, data_scale=likelihood.image_data_scale(centered))
         results = {"bpd": float(np.mean(bpd)), "nll": float(np.mean(nll)),
                    "nll_nfe": float(np.mean(nll_nfe))}

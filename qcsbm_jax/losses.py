@@ -35,20 +35,17 @@ import numpy as np
 
 from qcsbm_jax import asymmetry
 from qcsbm_jax.score import ScoreFn
+from qcsbm_jax.sde import bcast
 
 WEIGHTINGS = ("sigma2", "likelihood")
 REMAT_POLICIES = {"none": None, "dots": jax.checkpoint_policies.dots_saveable,
                   "full": jax.checkpoint_policies.nothing_saveable}
 
 
-def _per_sample(a: jax.Array, x: jax.Array) -> jax.Array:
-    return a.reshape(a.shape + (1,) * (x.ndim - 1))
-
-
 def dsm_per_sample(score: jax.Array, z: jax.Array, std: jax.Array,
                    weight: jax.Array) -> jax.Array:
     """1/2 weight ||score + z/std||^2 per sample; score, z: [B, *S]; std, weight: [B]."""
-    residual = score + z / _per_sample(std, z)
+    residual = score + z / bcast(std, z)
     return 0.5 * weight * jnp.sum(jnp.square(residual), axis=tuple(range(1, z.ndim)))
 
 
@@ -109,7 +106,7 @@ def make_loss_fn(score_fn: ScoreFn, sde, *, weighting: str = "sigma2",
         t = jax.random.uniform(t_key, (x0.shape[0],), minval=eps, maxval=1.0)
         z = jax.random.normal(z_key, x0.shape, x0.dtype)
         mean, std = sde.marginal_mean_std(x0, t)
-        x_t = mean + _per_sample(std, x0) * z
+        x_t = mean + bcast(std, x0) * z
 
         def field(x, times, rest=False):
             """The score; samples outside the penalised part draw their own dropout."""

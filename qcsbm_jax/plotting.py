@@ -36,18 +36,20 @@ def scatter_png(path: str, points, title: str | None = None, lim: float | None =
     """Scatter plot(s) of 2D points: one square 4 x 4 inch panel (400 x 400 px) per set.
 
     points: array [N, 2], or a dict name -> [N_i, 2] drawn side by side with shared axes.
+    Rows with NaN or inf (failed ODE solves) are left out; panel titles count the rest.
     lim: show [-lim, lim]^2; None fits every panel to all the points.
     """
     sets = dict(points) if isinstance(points, Mapping) else {None: points}
     sets = {name: np.asarray(p, np.float64).reshape(-1, 2) for name, p in sets.items()}
-    if lim is None:
-        stacked = np.concatenate(list(sets.values()))
+    sets = {name: p[np.all(np.isfinite(p), axis=1)] for name, p in sets.items()}
+    stacked = np.concatenate(list(sets.values()))
+    if lim is not None or not len(stacked):
+        xlim = ylim = (-(lim or 1.0), lim or 1.0)
+    else:
         lo, hi = stacked.min(axis=0), stacked.max(axis=0)
         half = 0.55 * float(np.max(hi - lo)) or 1.0
         centre = (lo + hi) / 2
         xlim, ylim = (centre[0] - half, centre[0] + half), (centre[1] - half, centre[1] + half)
-    else:
-        xlim = ylim = (-lim, lim)
     fig = Figure(figsize=(4 * len(sets), 4), dpi=DPI)
     axes = fig.subplots(1, len(sets), squeeze=False)[0]
     for ax, (name, p) in zip(axes, sets.items()):

@@ -12,15 +12,11 @@ import jax.numpy as jnp
 from jax import lax
 
 from qcsbm_jax import ode
+from qcsbm_jax.sde import bcast
 
 PREDICTORS = ("reverse_diffusion", "euler_maruyama", "none")
 CORRECTORS = ("langevin", "none")
 PROGRESS_REPORTS = 20
-
-
-def _bcast(a: jax.Array, x: jax.Array) -> jax.Array:
-    """Reshapes a per-sample [B] array to broadcast against x [B, *]."""
-    return jnp.reshape(a, a.shape + (1,) * (x.ndim - a.ndim))
 
 
 def _per_sample_norm(a: jax.Array) -> jax.Array:
@@ -34,18 +30,18 @@ def tweedie_denoise(sde, score: jax.Array, x: jax.Array, t: jax.Array) -> jax.Ar
     This is the noise-free mean of a reverse-diffusion step from t to the clean data
     (std = 0, alpha = 1); for VE it is x + sigma(t)^2 s.
     """
-    return (x + _bcast(jnp.square(sde.std(t)), x) * score) / _bcast(sde.alpha(t), x)
+    return (x + bcast(jnp.square(sde.std(t)), x) * score) / bcast(sde.alpha(t), x)
 
 
 def _predict(predictor: str, sde, score, x, t, dt, z):
     """One predictor step from t to t - dt: x [B, *]. t, dt: [B]; z ~ N(0, I) [B, *]."""
     if predictor == "reverse_diffusion":
         f, g = sde.discretize(x, t, dt)
-        mean = x - f + _bcast(jnp.square(g), x) * score
+        mean = x - f + bcast(jnp.square(g), x) * score
     else:  # euler_maruyama
-        mean = x - sde.reverse_drift(score, x, t) * _bcast(dt, x)
+        mean = x - sde.reverse_drift(score, x, t) * bcast(dt, x)
         g = sde.sde(x, t)[1] * jnp.sqrt(dt)
-    return mean + _bcast(g, x) * z
+    return mean + bcast(g, x) * z
 
 
 def _langevin(sde, snr: float, score, x, t, dt, z):
@@ -62,7 +58,7 @@ def _langevin(sde, snr: float, score, x, t, dt, z):
     grad_norm = _per_sample_norm(score)
     grad_norm = jnp.where(grad_norm > 0, grad_norm, jnp.inf)
     step = 2 * alpha_ratio * jnp.square(snr * _per_sample_norm(z) / grad_norm)
-    return x + _bcast(step, x) * score + _bcast(jnp.sqrt(2 * step), x) * z
+    return x + bcast(step, x) * score + bcast(jnp.sqrt(2 * step), x) * z
 
 
 def pc_sample_per_key(params, keys: jax.Array, *, score_fn, sde, shape: tuple[int, ...],

@@ -18,19 +18,16 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from qcsbm_jax.sde import bcast
+
 ScoreFn = Callable[[Any, jax.Array, jax.Array, jax.Array | None], jax.Array]
 
 FAMILIES = ("unconstrained", "constrained")
 OUTPUTS = ("residual", "scaled")
 
 
-def _per_sample(std: jax.Array, x: jax.Array) -> jax.Array:
-    """Reshapes std [B] to broadcast against x [B, ...]."""
-    return std.reshape(std.shape + (1,) * (x.ndim - 1))
-
-
 def _unconstrained_output(f: jax.Array, x: jax.Array, std: jax.Array, output: str):
-    std = _per_sample(std, x)
+    std = bcast(std, x)
     return (x - f) / std if output == "residual" else f / std
 
 
@@ -39,7 +36,7 @@ def _energy(f: jax.Array, x: jax.Array, std: jax.Array, output: str) -> jax.Arra
     axes = tuple(range(1, x.ndim))
     if output == "residual":
         return jnp.sum(jnp.square(x - f), axis=axes) / (2 * std)
-    return 0.5 * jnp.sum(jnp.square(f / _per_sample(std, x)), axis=axes)
+    return 0.5 * jnp.sum(jnp.square(f / bcast(std, x)), axis=axes)
 
 
 def make_energy_fn(apply_fn, sde, output: str = "scaled"):

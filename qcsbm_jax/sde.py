@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import ml_collections
 
 
-def _bcast(a: jax.Array, x: jax.Array) -> jax.Array:
+def bcast(a: jax.Array, x: jax.Array) -> jax.Array:
     """Reshapes a per-sample [B] array to broadcast against x [B, *data_shape]."""
     return jnp.reshape(a, a.shape + (1,) * (x.ndim - a.ndim))
 
@@ -35,7 +35,7 @@ class SDE:
 
     def marginal_mean_std(self, x0: jax.Array, t: jax.Array):
         """Mean [B, *] and std [B] of p_t(x_t | x0) for x0 [B, *], t [B]."""
-        return _bcast(self.alpha(t), x0) * x0, self.std(t)
+        return bcast(self.alpha(t), x0) * x0, self.std(t)
 
     def prior_sample(self, key: jax.Array, shape, dtype=jnp.float32) -> jax.Array:
         """A draw of the given shape from the prior N(0, prior_std^2 I)."""
@@ -58,7 +58,7 @@ class SDE:
         """
         drift, g = self.sde(x, t)
         weight = 0.5 if probability_flow else 1.0
-        return drift - weight * _bcast(jnp.square(g), x) * score
+        return drift - weight * bcast(jnp.square(g), x) * score
 
     def discretize(self, x: jax.Array, t: jax.Array, dt: jax.Array):
         """(f [B, *], G [B]) with x_t ~ x_{t-dt} + f + G z, z ~ N(0, I).
@@ -68,7 +68,7 @@ class SDE:
         override it with their exact transitions. t, dt: [B].
         """
         drift, g = self.sde(x, t)
-        return drift * _bcast(dt, x), g * jnp.sqrt(dt)
+        return drift * bcast(dt, x), g * jnp.sqrt(dt)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,13 +145,13 @@ class VPSDE(SDE):
 
     def sde(self, x: jax.Array, t: jax.Array):
         beta = self.beta(t)
-        return -0.5 * _bcast(beta, x) * x, jnp.sqrt(beta)
+        return -0.5 * bcast(beta, x) * x, jnp.sqrt(beta)
 
     def discretize(self, x: jax.Array, t: jax.Array, dt: jax.Array):
         """DDPM step x_t = sqrt(1 - b) x_{t-dt} + sqrt(b) z with
         1 - b = (alpha(t) / alpha(t - dt))^2, exact; f = (sqrt(1 - b) - 1) x, G = sqrt(b)."""
         log_ratio = self.log_alpha(t) - self.log_alpha(t - dt)
-        return _bcast(jnp.expm1(log_ratio), x) * x, jnp.sqrt(-jnp.expm1(2 * log_ratio))
+        return bcast(jnp.expm1(log_ratio), x) * x, jnp.sqrt(-jnp.expm1(2 * log_ratio))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,7 +167,7 @@ class SubVPSDE(VPSDE):
 
     def sde(self, x: jax.Array, t: jax.Array):
         beta = self.beta(t)
-        return -0.5 * _bcast(beta, x) * x, jnp.sqrt(beta * -jnp.expm1(4 * self.log_alpha(t)))
+        return -0.5 * bcast(beta, x) * x, jnp.sqrt(beta * -jnp.expm1(4 * self.log_alpha(t)))
 
     discretize = SDE.discretize
 

@@ -135,7 +135,9 @@ def _check_finite(scalars: dict[str, float], step: int, workdir: str) -> None:
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     """Trains from scratch, from config.training.init_from, or resumes from the newest
-    valid checkpoint in workdir. Raises Preempted after saving if SIGTERM arrives."""
+    checkpoint in workdir; if that one cannot be read, raises CorruptCheckpointError naming
+    it rather than silently resuming from an older step. Raises Preempted after saving if
+    SIGTERM arrives."""
     mesh = parallel.make_mesh(config.parallel.data_axis, config.parallel.model_axis)
     batch_size = config.training.batch_size
     parallel.check_batch_size(batch_size, mesh)
@@ -177,9 +179,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
             checkpoint.check_compatible(saved, metadata)
             if int(state.step) != latest:
                 raise checkpoint.CorruptCheckpointError(
-                    f"The newest checkpoint {ckpt.step_dir(latest)} cannot be read; step "
-                    f"{int(state.step)} can. Delete {ckpt.step_dir(latest)} (and any other "
-                    "unreadable newer steps) to resume from there.")
+                    f"The newest checkpoint {ckpt.step_dir(latest)} cannot be read (see the "
+                    f"warnings above); step {int(state.step)} can. Training does not skip "
+                    "steps silently: "
+                    f"{checkpoint.move_aside_advice(ckpt.step_dir(latest))}")
             logging.info("Resumed from step %d in %s.", int(state.step), workdir)
         else:
             if config.training.init_from:

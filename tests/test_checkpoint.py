@@ -218,12 +218,16 @@ def test_corrupt_newest_step_falls_back_to_previous(tmp_path, damage, caplog):
         with pytest.raises(checkpoint.CorruptCheckpointError) as error:
             ckpt.restore(abstract(make_state()))
         assert os.path.join(directory, "2") in str(error.value)
-        assert "Delete" in str(error.value)
+        assert f"Move {os.path.join(directory, '2')} out of {directory}" in str(error.value)
         restored, metadata = ckpt.restore_latest_valid(abstract(make_state()))
     assert_trees_equal(restored, make_state(1))
     assert metadata[checkpoint.RESTORED_FROM] == os.path.join(directory, "1")
     assert "Trying the previous step" in caplog.text
     assert sorted(os.listdir(directory)) == ["1", "2"]
+    # Following the advice makes step 1 the newest.
+    shutil.move(os.path.join(directory, "2"), os.path.join(tmp_path, "damaged_2"))
+    with checkpoint.Checkpointer(tmp_path) as ckpt:
+        assert ckpt.latest_step() == 1
 
 
 def test_all_steps_corrupt_raises(tmp_path):

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from qcsbm_jax import config as config_lib, data, experiment, models
+from qcsbm_jax import config as config_lib, data, experiment
 from qcsbm_jax.main import _load_config_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -35,6 +35,21 @@ def test_config_loads_and_validates(path, variant):
     assert config.model.center_input == (not config.data.centered)
     with pytest.raises(AttributeError):
         config.training.num_stesp = 1  # Locked: a misspelt key is an error.
+
+
+@pytest.mark.parametrize("key,value,valid", [
+    ("sampling.predictor", "reverse_difusion", "euler_maruyama"),
+    ("sampling.corrector", "ald", "langevin"),
+    ("eval.divergence", "exact", "hutchinson"),  # exact: one jvp per pixel, images only
+])
+def test_bad_sampler_or_divergence_is_refused_before_any_work(key, value, valid):
+    config = config_lib.image_config("cifar10", "usbm", "smoke")
+    config.update_from_flattened_dict({key: value})
+    with pytest.raises(ValueError, match=rf"--config.{key}='{value}' is not valid.*{valid}"):
+        config_lib.validate(config)
+    toy = config_lib.toy_config("gaussians8", "usbm", "smoke")
+    toy.eval.divergence = "exact"
+    config_lib.validate(toy)
 
 
 def test_paper_settings():

@@ -93,7 +93,7 @@ def test_two_processes_train_preempt_and_resume_like_one(tmp_path, job_env):
     resumed = run_sh("local", "--processes=2", CONFIG, *flags,
                      f"--config.training.num_steps={total}", "--mode=train", env=env)
     assert resumed.returncode == 0, resumed.stdout[-4000:] + resumed.stderr[-4000:]
-    assert f"[process 1] " in resumed.stdout and f"Resumed from step {stopped}" in resumed.stdout
+    assert "[process 1] " in resumed.stdout and f"Resumed from step {stopped}" in resumed.stdout
     assert finalized_steps(workdir)[-1] == total
 
     expected = train.train(_smoke("qcsbm", **{"training.num_steps": total}),

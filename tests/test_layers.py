@@ -135,7 +135,7 @@ def test_sinusoidal_embedding_closed_form():
 
 
 def test_gaussian_fourier_embedding_uses_its_fixed_frequencies():
-    emb = layers.GaussianFourierEmbedding(5, 16.0, rngs=nnx.Rngs(0))
+    emb = layers.GaussianFourierEmbedding(5, 16.0)
     w = np.asarray(emb.frequencies[...])
     assert isinstance(emb.frequencies, layers.Buffer)
     assert not isinstance(emb.frequencies, nnx.Param)

@@ -69,6 +69,22 @@ def test_workdir_of_another_model_is_refused(trained):
     assert "family" in result.stderr and "--workdir" in result.stderr
 
 
+def test_eval_reads_only_the_parameters_so_optimizer_settings_may_differ(trained):
+    # A warm-up schedule and no clipping change the optimizer state's tree, not the model.
+    _run("--config=configs/toy/gaussians8_qcsbm.py:smoke", f"--workdir={trained}",
+         "--mode=eval", "--config.optim.warmup_steps=10", "--config.optim.grad_clip=0")
+    with open(os.path.join(trained, "eval", "metrics.json")) as f:
+        assert json.load(f)["step"] == _checkpoint_steps(trained)[-1]
+
+
+def test_evaluating_another_model_is_refused_without_delete_advice(trained):
+    result = _run("--config=configs/toy/gaussians8_csbm.py:smoke", f"--workdir={trained}",
+                  "--mode=eval", check=False)
+    assert result.returncode != 0
+    assert "family" in result.stderr and "config the run was trained with" in result.stderr
+    assert "delete" not in result.stderr.lower()
+
+
 def test_unknown_config_key_is_one_clear_error(tmp_path):
     result = _run("--config=configs/toy/gaussians8_qcsbm.py:smoke", f"--workdir={tmp_path}",
                   "--config.training.num_stepz=3", check=False)

@@ -39,6 +39,15 @@ def test_scatter_png_dict_side_by_side(tmp_path):
     assert _open_png(path).size == (800, 400)
 
 
+def test_scatter_png_leaves_out_failed_rows(tmp_path):
+    # Failed ODE solves give NaN rows; they must not break the axis limits.
+    points = np.random.default_rng(2).standard_normal((300, 2))
+    points[::3] = np.nan
+    path = plotting.scatter_png(str(tmp_path / "nan.png"), {"data": points, "failed": points[::3]})
+    image = _open_png(path)
+    assert image.size == (800, 400) and _non_white_fraction(image) > 0.01
+
+
 @pytest.mark.parametrize("logx,logy", [(False, False), (True, True)])
 def test_curves_png(tmp_path, logx, logy):
     x = np.geomspace(1e-3, 1.0, 10)

@@ -22,8 +22,9 @@ class Buffer(nnx.Variable):
     """A fixed array that is part of the network but never trained.
 
     It is not an nnx.Param, so `qcsbm_jax.models.functional` leaves it out of the
-    parameters (no gradient, no weight decay, no checkpoint) and closes over it instead;
-    it is rebuilt identically from the model's seed.
+    parameters (no gradient, no weight decay, no checkpoint) and closes over it instead.
+    It must therefore be built without the model's random key (from a constant or a
+    fixed seed), so every build of the network, whatever its seed, has the same buffers.
     """
 
 
@@ -72,14 +73,20 @@ def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
 # ----------------------------------------------------------------------------------------
 # Noise-level embeddings.
 
+FOURIER_SEED = 0
+
+
 class GaussianFourierEmbedding(nnx.Module):
     """[sin(2 pi w c), cos(2 pi w c)] of a scalar c per sample, w ~ N(0, scale^2) fixed.
 
-    The frequencies w [size] are a Buffer: drawn once at construction, never trained.
+    The frequencies w [size] are a Buffer, never trained or checkpointed, so they are drawn
+    from a fixed key (FOURIER_SEED), not from the model's seed: they are part of the
+    architecture, and a checkpoint restores into the same function whatever config.seed.
     """
 
-    def __init__(self, size: int, scale: float, *, rngs: nnx.Rngs):
-        self.frequencies = Buffer(scale * jax.random.normal(rngs.params(), (size,)))
+    def __init__(self, size: int, scale: float):
+        key = jax.random.key(FOURIER_SEED)
+        self.frequencies = Buffer(scale * jax.random.normal(key, (size,)))
 
     def __call__(self, c: jax.Array) -> jax.Array:
         """c: [B] -> [B, 2 * size]."""

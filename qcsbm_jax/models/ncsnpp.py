@@ -130,7 +130,7 @@ class NCSNpp(nnx.Module):
             return cls(in_ch, out_ch, with_conv=with_conv, fir=fir, fir_kernel=fir_kernel,
                        rngs=rngs)
 
-        self.fourier = (GaussianFourierEmbedding(nf, fourier_scale, rngs=rngs)
+        self.fourier = (GaussianFourierEmbedding(nf, fourier_scale)
                         if embedding_type == "fourier" else None)
         self.temb_in = dense(2 * nf if embedding_type == "fourier" else nf, temb_dim, rngs=rngs)
         self.temb_out = dense(temb_dim, temb_dim, rngs=rngs)
