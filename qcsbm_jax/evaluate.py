@@ -392,6 +392,9 @@ def load_test_images(config, data_shape: tuple[int, ...]) -> np.ndarray:
 def make_image_evaluator(config, model, mesh) -> Callable[[Any], Evaluation]:
     """evaluate_params(params) -> Evaluation with the image metrics (module doc)."""
     ev, centered = config.eval, config.data.centered
+    if ev.divergence != "hutchinson":  # config.validate refuses it earlier on the CLI.
+        raise ValueError(f"--config.eval.divergence={ev.divergence!r} needs one jvp per pixel "
+                         "per ODE step; use 'hutchinson' for images.")
     test_uint8 = load_test_images(config, model.data_shape)
     test_float = np.asarray(images.to_float(test_uint8, centered), np.float32)
     dims = int(np.prod(model.data_shape))

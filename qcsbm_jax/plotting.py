@@ -43,13 +43,15 @@ def scatter_png(path: str, points, title: str | None = None, lim: float | None =
     sets = {name: np.asarray(p, np.float64).reshape(-1, 2) for name, p in sets.items()}
     sets = {name: p[np.all(np.isfinite(p), axis=1)] for name, p in sets.items()}
     stacked = np.concatenate(list(sets.values()))
-    if lim is not None or not len(stacked):
-        xlim = ylim = (-(lim or 1.0), lim or 1.0)
-    else:
+    if lim is None and not len(stacked):
+        lim = 1.0  # Nothing finite to fit the axes to.
+    if lim is None:
         lo, hi = stacked.min(axis=0), stacked.max(axis=0)
         half = 0.55 * float(np.max(hi - lo)) or 1.0
         centre = (lo + hi) / 2
         xlim, ylim = (centre[0] - half, centre[0] + half), (centre[1] - half, centre[1] + half)
+    else:
+        xlim = ylim = (-lim, lim)
     fig = Figure(figsize=(4 * len(sets), 4), dpi=DPI)
     axes = fig.subplots(1, len(sets), squeeze=False)[0]
     for ax, (name, p) in zip(axes, sets.items()):
