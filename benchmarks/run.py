@@ -12,7 +12,7 @@ import argparse
 import os
 import sys
 
-SECTIONS = ("train", "score", "pc", "ode", "likelihood", "accuracy")
+SECTIONS = ("train", "score", "pc", "ode", "likelihood", "gradnoise", "accuracy")
 MODELS = ("toy", "ncsnpp_smoke", "ncsnpp_small", "ncsnpp_deep")
 
 
@@ -44,6 +44,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="timed rounds per train-step variant (default 5, quick 2)")
     parser.add_argument("--quick", action="store_true",
                         help="small batches, few steps and ODE tolerances of 1e-2")
+    parser.add_argument("--peak_tflops", type=float, default=None,
+                        help="the chip's peak TFLOP/s at the compute dtype, per device; adds "
+                             "the column of_peak (achieved TFLOP/s / peak) to train rows")
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args(argv)
     for name, valid in (("models", MODELS), ("sections", SECTIONS)):

@@ -9,6 +9,7 @@ Sections (docs/benchmarks.md explains every column):
   pc          predictor-corrector sampling steps per second.
   ode         probability-flow ODE sampling: NFE per sample and time.
   likelihood  NLL (bits/dim for images) by the probability-flow ODE: time per 1000 examples.
+  gradnoise   probe noise of the penalty's parameter gradient for each loss.qc_gradient.
   accuracy    bfloat16 against float32 for the QC penalty estimate on fields of known
               asymmetry, next to the estimate's own probe noise.
 Peak memory is XLA's per-device estimate for the compiled step (arguments + outputs +
@@ -37,6 +38,7 @@ import numpy as np
 from qcsbm_jax import (asymmetry, config as config_lib, experiment, likelihood, losses, models,
                        parallel, sampling, score, train)
 from qcsbm_jax.data import toy
+from qcsbm_jax.sde import bcast
 
 # Train-step variants: make_loss_fn options on top of the model's qc_weight (None: DSM).
 VARIANTS = {
@@ -45,6 +47,7 @@ VARIANTS = {
     "qc_jvp_vjp": dict(estimator="jvp_vjp"),
     "qc_two_vjp": dict(estimator="two_vjp"),
     "qc_nonneg_separate": dict(estimator="nonneg", jacobian_method="separate"),
+    "qc_nonneg_jvpgrad": dict(estimator="nonneg", qc_gradient="jvp"),
     "qc_nonneg_frac25": dict(estimator="nonneg", qc_fraction=0.25),
     "qc_nonneg_every4": dict(estimator="nonneg", qc_every=4),
     "qc_nonneg_remat": dict(estimator="nonneg", remat="dots"),
@@ -88,8 +91,8 @@ MODELS = {
              accelerator=Sizes((128,), 128, 100, 16))),
     "ncsnpp_deep": ModelSpec(
         lambda: config_lib.image_config("cifar10", "usbm"), 1e-4,
-        ("dsm", "qc_nonneg", "qc_jvp_vjp", "qc_two_vjp", "qc_nonneg_frac25",
-         "qc_nonneg_every4", "qc_nonneg_remat"),
+        ("dsm", "qc_nonneg", "qc_nonneg_jvpgrad", "qc_jvp_vjp", "qc_two_vjp",
+         "qc_nonneg_frac25", "qc_nonneg_every4", "qc_nonneg_remat"),
         dict(quick=Sizes((1,), 1, 1, 2), cpu=Sizes((4,), 2, 2, 4),
              accelerator=Sizes((32, 128), 128, 100, 16))),
 }
@@ -206,17 +209,41 @@ def _programs(name: str, bench: Bench, optimizer) -> list[tuple[Callable, int]]:
     return [(step_for(0), 1)] + ([(step_for(1), every - 1)] if every > 1 else [])
 
 
-def bench_train(bench: Bench, batch: int, variants: list[str], rounds: int) -> list[dict]:
+def _train_rows(bench: Bench, batch: int, info: dict, times: dict) -> list[dict]:
+    """One row per compiled variant; step times are medians over the rounds timed so far
+    (None before the first)."""
+    medians = {name: statistics.median(ts) for name, ts in times.items() if ts}
+    dsm_gflops = info["dsm"]["gflops"] if "dsm" in info else None
+    peak = _device_peak_mb(bench.mesh)  # the process's peak so far, where reported
+    rows = []
+    for name, variant_info in info.items():
+        step_s, gflops = medians.get(name), variant_info["gflops"]
+        rows.append(bench.row(
+            "train", variant=name, batch=batch,
+            step_ms=None if step_s is None else 1e3 * step_s,
+            step_ms_min=1e3 * min(times[name]) if times[name] else None,
+            examples_per_s=None if step_s is None else batch / step_s,
+            ratio_to_dsm=step_s / medians["dsm"] if step_s and "dsm" in medians else None,
+            rounds=len(times[name]),
+            flop_ratio=gflops / dsm_gflops if gflops and dsm_gflops else None,
+            tflops_per_s=gflops / step_s / 1e3 if gflops and step_s else None,
+            device_peak_mb=peak, **variant_info))
+    return rows
+
+
+def bench_train(bench: Bench, batch: int, variants: list[str], rounds: int,
+                report: Callable[[list[dict]], None]) -> list[dict]:
     """Compile time, memory, flops and step time of each variant, timed round-robin.
 
     A variant's time is the mean over a cycle of its steps (qc_every of them for the
-    every-k variants), so it is the amortised cost per step.
+    every-k variants), so it is the amortised cost per step. report(rows) gets the rows
+    measured so far after each compilation and each round, so a run cut short keeps them.
     """
     optimizer = train.make_optimizer(bench.config.optim)
     state = jax.jit(lambda p: train.init_state(p, optimizer, bench.config.seed),
                     out_shardings=parallel.replicated(bench.mesh))(bench.model.init_params)
     data = bench.shard(bench.data(batch))
-    cycles, info = {}, {}
+    cycles, info, times = {}, {}, {}
     for name in variants:
         cycle, compile_s, memory, flops = [], 0.0, [], []
         for program, count in _programs(name, bench, optimizer):
@@ -228,7 +255,7 @@ def bench_train(bench: Bench, batch: int, variants: list[str], rounds: int) -> l
             memory.append(_memory_mb(compiled))
             gflops = _gflops(compiled)
             flops.append(None if gflops is None else gflops * count)
-        cycles[name] = cycle
+        cycles[name], times[name] = cycle, []
         steps = sum(count for _, count in cycle)
         info[name] = dict(compile_s=compile_s,
                           memory_mb=None if None in memory else max(memory),
@@ -236,8 +263,8 @@ def bench_train(bench: Bench, batch: int, variants: list[str], rounds: int) -> l
                           finite=bool(np.isfinite(float(metrics["loss"]))))
         print(f"  compiled {bench.name} x{bench.devices} batch {batch} {name}: "
               f"{compile_s:.1f} s", flush=True)
-    times = {name: [] for name in variants}
-    for _ in range(rounds):
+        report(_train_rows(bench, batch, info, times))
+    for round_index in range(rounds):
         for name, cycle in cycles.items():
             start = time.perf_counter()
             for compiled, count in cycle:
@@ -246,20 +273,9 @@ def bench_train(bench: Bench, batch: int, variants: list[str], rounds: int) -> l
             jax.block_until_ready((state, metrics))
             times[name].append((time.perf_counter() - start)
                                / sum(count for _, count in cycle))
-    dsm_s = statistics.median(times["dsm"]) if "dsm" in times else None
-    dsm_gflops = info["dsm"]["gflops"] if "dsm" in info else None
-    peak = _device_peak_mb(bench.mesh)  # the process's peak so far, where reported
-    rows = []
-    for name in variants:
-        step_s = statistics.median(times[name])
-        gflops = info[name]["gflops"]
-        rows.append(bench.row(
-            "train", variant=name, batch=batch, step_ms=1e3 * step_s,
-            step_ms_min=1e3 * min(times[name]), examples_per_s=batch / step_s,
-            ratio_to_dsm=None if dsm_s is None else step_s / dsm_s, rounds=rounds,
-            flop_ratio=gflops / dsm_gflops if gflops and dsm_gflops else None,
-            device_peak_mb=peak, **info[name]))
-    return rows
+        print(f"  timed round {round_index + 1}/{rounds}", flush=True)
+        report(_train_rows(bench, batch, info, times))
+    return _train_rows(bench, batch, info, times)
 
 
 def bench_score(bench: Bench, batch: int) -> list[dict]:
@@ -409,6 +425,43 @@ def bench_accuracy(bench: Bench, batch: int, dtype) -> list[dict]:
     return rows
 
 
+def bench_gradient_noise(bench: Bench, batch: int, num_draws: int) -> list[dict]:
+    """Probe noise of the penalty's parameter gradient, per loss.qc_gradient mode.
+
+    For one batch of x_t (t ~ U(0.05, 1)) and num_draws probe draws, the gradient g_k of
+    the batch-mean std^2-weighted penalty (one probe per sample) with each mode on the same
+    probes. Both modes estimate the same expected gradient; rel_noise is the standard
+    deviation of g_k over draws, sqrt(E ||g_k - mean g||^2), over the norm of the mean of
+    all draws of both modes; mean_gap is the distance between the two modes' means on the
+    same scale (about rel_noise / sqrt(num_draws) when they agree).
+    """
+    shape = (batch, *bench.model.data_shape)
+    kt, kz, kv = jax.random.split(jax.random.key(7), 3)
+    t = jax.random.uniform(kt, (batch,), minval=0.05, maxval=1.0)
+    mean, std = bench.model.sde.marginal_mean_std(jnp.asarray(bench.data(batch)), t)
+    x = mean + bcast(std, mean) * jax.random.normal(kz, shape)
+    probe_keys = jax.random.split(kv, num_draws)
+    flat = lambda tree: jnp.concatenate([jnp.ravel(a) for a in jax.tree.leaves(tree)])
+
+    def gradients(gradient):
+        def penalty(params, key):
+            field = lambda y, times: bench.score_fn(params, y, times, None)
+            _, per_sample = asymmetry.asymmetry_penalty(field, x, t, key, gradient=gradient)
+            return jnp.mean(jnp.square(std) * per_sample)
+        grad = jax.jit(lambda p, key: flat(jax.grad(penalty)(p, key)))
+        params = bench.model.init_params
+        return jnp.stack([grad(params, key) for key in probe_keys])
+
+    draws = {mode: gradients(mode) for mode in asymmetry.GRADIENTS}
+    means = {mode: jnp.mean(g, axis=0) for mode, g in draws.items()}
+    scale = float(jnp.linalg.norm((means["jvp"] + means["estimate"]) / 2))
+    gap = float(jnp.linalg.norm(means["jvp"] - means["estimate"])) / scale
+    spread = lambda g, m: math.sqrt(float(jnp.sum(jnp.square(g - m))) / (num_draws - 1))
+    return [bench.row("gradnoise", batch=batch, qc_gradient=mode, draws=num_draws,
+                      rel_noise=spread(g, means[mode]) / scale, mean_gap=gap)
+            for mode, g in draws.items()]
+
+
 # ---------------------------------------------------------------------------- driver
 
 def _bench(name: str, n_devices: int, dtype, quick: bool) -> Bench:
@@ -423,7 +476,10 @@ def _bench(name: str, n_devices: int, dtype, quick: bool) -> Bench:
                  quick)
 
 
-def run_model(name: str, n_devices: int, args: argparse.Namespace) -> list[dict]:
+def run_model(name: str, n_devices: int, args: argparse.Namespace,
+              report: Callable[[list[dict]], None]) -> list[dict]:
+    """All sections of one model; report(rows) gets every row measured so far, as it
+    grows (section by section, train variant by variant and round by round)."""
     bench = _bench(name, n_devices, jnp.dtype(args.dtype), args.quick)
     spec = bench.spec
     tier = "quick" if args.quick else ("cpu" if jax.default_backend() == "cpu"
@@ -431,6 +487,13 @@ def run_model(name: str, n_devices: int, args: argparse.Namespace) -> list[dict]
     sizes = spec.sizes[tier]
     sample_batch = _round_up(sizes.sample_batch, n_devices)
     rows = []
+    def finish(section_rows: list[dict]) -> list[dict]:
+        """Adds the run's dtype and tier, and the fraction of --peak_tflops achieved."""
+        return [dict(row, dtype=row.get("dtype", args.dtype), tier=tier,
+                     **({"of_peak": row["tflops_per_s"] / args.peak_tflops}
+                        if args.peak_tflops and row.get("tflops_per_s") else {}))
+                for row in section_rows]
+
     if "train" in args.sections:
         unknown = sorted(set(args.variants or ()) - set(VARIANTS))
         if unknown:
@@ -438,22 +501,26 @@ def run_model(name: str, n_devices: int, args: argparse.Namespace) -> list[dict]
         variants = [v for v in (args.variants or spec.variants) if v in spec.variants]
         variants = ["dsm"] + [v for v in variants if v != "dsm"]  # the ratios' reference
         for batch in args.batch or sizes.train_batches:
-            rows += bench_train(bench, _round_up(batch, n_devices), variants,
-                                args.rounds or (2 if args.quick else 5))
+            rows += finish(bench_train(bench, _round_up(batch, n_devices), variants,
+                                       args.rounds or (2 if args.quick else 5),
+                                       lambda partial: report(rows + finish(partial))))
     sections = dict(score=lambda: bench_score(bench, sample_batch),
                     pc=lambda: bench_pc(bench, sample_batch, sizes.pc_steps),
                     ode=lambda: bench_ode(bench, sample_batch),
                     likelihood=lambda: bench_likelihood(bench, sample_batch),
-                    accuracy=lambda: bench_accuracy(bench, sizes.accuracy_batch, jnp.bfloat16))
-    if n_devices != min(args.devices):
-        del sections["accuracy"]  # Device-independent: once per model.
+                    accuracy=lambda: bench_accuracy(bench, sizes.accuracy_batch, jnp.bfloat16),
+                    gradnoise=lambda: bench_gradient_noise(bench, sizes.accuracy_batch,
+                                                           4 if args.quick else 32))
+    if n_devices != min(args.devices):  # Device-independent: once per model.
+        del sections["accuracy"], sections["gradnoise"]
     for section, run in sections.items():
         if section in args.sections:
             start = time.perf_counter()
-            rows += run()
+            rows += finish(run())
+            report(rows)
             print(f"  {section} {name} x{n_devices}: {time.perf_counter() - start:.0f} s",
                   flush=True)
-    return [dict(row, dtype=row.get("dtype", args.dtype), tier=tier) for row in rows]
+    return rows
 
 
 def machine() -> dict:
@@ -473,7 +540,7 @@ def machine() -> dict:
 COLUMNS = {
     "train": ["model", "devices", "batch", "dtype", "variant", "compile_s", "memory_mb",
               "device_peak_mb", "gflops", "flop_ratio", "step_ms", "examples_per_s",
-              "ratio_to_dsm"],
+              "ratio_to_dsm", "tflops_per_s", "of_peak"],
     "score": ["model", "devices", "batch", "dtype", "compile_s", "call_ms", "examples_per_s"],
     "pc": ["model", "devices", "batch", "dtype", "steps", "compile_s", "run_s", "steps_per_s",
            "score_evals_per_s"],
@@ -481,6 +548,7 @@ COLUMNS = {
             "run_s", "s_per_1000"],
     "likelihood": ["model", "devices", "batch", "dtype", "divergence", "rtol", "nfe_mean",
                    "nfe_max", "compile_s", "run_s", "s_per_1000"],
+    "gradnoise": ["model", "batch", "dtype", "qc_gradient", "draws", "rel_noise", "mean_gap"],
     "accuracy": ["model", "batch", "dtype", "nasym", "probe_noise", "low_vs_f32",
                  "batch_mean_low_vs_f32", "batch_mean_f32_vs_exact"],
 }
@@ -510,16 +578,22 @@ def _write_json(path: str, result: dict) -> None:
 
 
 def main(args: argparse.Namespace) -> dict:
-    """Runs every (device count, model) in turn; prints each one's tables as it finishes
-    and rewrites --json after each, so a run cut short keeps what it measured."""
+    """Runs every (device count, model) in turn and prints each one's tables as it
+    finishes; --json is rewritten whenever a row is added or updated (each compiled
+    train variant, each timed round, each section), so a run cut short keeps them."""
     start = machine()
     print(f"# {datetime.datetime.now().isoformat(timespec='seconds')} on {start['backend']} "
           f"({start['device_kind']} x{start['device_count']}; {start['cpu']}, "
           f"{start['cpu_count']} cores), load average {start['load_average']}", flush=True)
     result = dict(args=vars(args), machine=start, rows=[])
+    def save(rows: list[dict]) -> None:
+        if args.json:
+            _write_json(args.json, dict(result, rows=result["rows"] + rows,
+                                        load_average_end=os.getloadavg()))
+
     for n_devices in args.devices:
         for name in args.models:
-            rows = run_model(name, n_devices, args)
+            rows = run_model(name, n_devices, args, save)
             result["rows"] += rows
             result["load_average_end"] = os.getloadavg()
             for section in COLUMNS:
@@ -528,6 +602,5 @@ def main(args: argparse.Namespace) -> dict:
                     print(f"\n## {section}: {name}, {n_devices} device(s)\n\n"
                           f"{format_table(section_rows, section)}", flush=True)
             print(f"\nload average now: {result['load_average_end']}\n", flush=True)
-            if args.json:
-                _write_json(args.json, result)
+            save([])
     return result

@@ -21,9 +21,17 @@ variance was lower in our measurements (docs/benchmarks.md, tests/test_asymmetry
 
 Fields are batched functions f: [B, *S] -> [B, *S] whose samples do not interact, so the
 Jacobian of the batch is block diagonal and one product per batch gives one per sample.
-Gradients flow through every product (no stop_gradient): jax.grad of the estimate is the
-exact gradient of the estimate. Whatever randomness f closes over (a dropout key) is shared
-by the primal, jvp and vjp passes.
+Whatever randomness f closes over (a dropout key) is shared by the primal, jvp and vjp passes.
+
+Gradients with respect to f's parameters (GRADIENTS):
+  'estimate'  through every product: jax.grad of the estimate is its exact gradient, as in
+              the paper's double backward.
+  'jvp'       the value is the estimate, the gradient is that of 2 sg(A v).(J v) with
+              A = J - J^T and sg = stop_gradient. Since d Asym = 2 <A, dJ> and
+              E_v[(A v)^T dJ v] = <A, dJ>, it is an unbiased estimate of the gradient of
+              Asym = E[estimate] (not of one probe's estimate), and the J^T v pass is not
+              differentiated: a train step costs about 7 forward-pass units instead of 9
+              (DSM: 3; docs/benchmarks.md).
 """
 
 from collections.abc import Callable
@@ -36,6 +44,7 @@ Field = Callable[[jax.Array], jax.Array]
 ESTIMATORS = ("nonneg", "jvp_vjp", "two_vjp", "exact")
 PROBES = ("rademacher", "gaussian")
 PRODUCTS = ("linearize", "separate")
+GRADIENTS = ("estimate", "jvp")
 
 
 def _sum_per_sample(a: jax.Array) -> jax.Array:
@@ -76,7 +85,7 @@ def jacobian_products(f: Field, x: jax.Array, v: jax.Array, method: str = "linea
 
 
 def hutchinson_asymmetry(f: Field, x: jax.Array, v: jax.Array, estimator: str = "nonneg",
-                         method: str = "linearize"):
+                         method: str = "linearize", gradient: str = "estimate"):
     """One-probe estimate of Asym per sample.
 
     Args:
@@ -85,20 +94,31 @@ def hutchinson_asymmetry(f: Field, x: jax.Array, v: jax.Array, estimator: str = 
       v: [B, *S] probes with E[v v^T] = I.
       estimator: 'nonneg', 'jvp_vjp' or 'two_vjp'.
       method: how 'nonneg' and 'jvp_vjp' get J v and J^T v (jacobian_products).
+      gradient: 'estimate' or 'jvp' (module docstring); 'jvp' needs J v, so not 'two_vjp'.
     Returns:
       (f(x) [B, *S], estimate [B]).
     """
+    if gradient not in GRADIENTS:
+        raise ValueError(f"gradient must be one of {GRADIENTS}, got {gradient!r}.")
     if estimator == "two_vjp":
+        if gradient != "estimate":
+            raise ValueError("gradient='jvp' needs J v: use estimator 'nonneg' or 'jvp_vjp' "
+                             "(all three have the same mean), or gradient='estimate'.")
         out, vjp_fn = jax.vjp(f, x)
         (jtv,) = vjp_fn(v)
         (jtjtv,) = vjp_fn(jtv)
         return out, _sum_per_sample(jtv * jtv - v * jtjtv)
     out, jv, jtv = jacobian_products(f, x, v, method)
     if estimator == "nonneg":
-        return out, 0.5 * _sum_per_sample(jnp.square(jtv - jv))
-    if estimator == "jvp_vjp":
-        return out, _sum_per_sample(jtv * jtv - jv * jtv)
-    raise ValueError(f"estimator must be one of {ESTIMATORS[:3]} here, got {estimator!r}.")
+        estimate = 0.5 * _sum_per_sample(jnp.square(jtv - jv))
+    elif estimator == "jvp_vjp":
+        estimate = _sum_per_sample(jtv * jtv - jv * jtv)
+    else:
+        raise ValueError(f"estimator must be one of {ESTIMATORS[:3]} here, got {estimator!r}.")
+    if gradient == "jvp":
+        surrogate = 2 * _sum_per_sample(jax.lax.stop_gradient(jv - jtv) * jv)
+        estimate = jax.lax.stop_gradient(estimate - surrogate) + surrogate
+    return out, estimate
 
 
 MAX_EXACT_DIM = 64
@@ -138,7 +158,7 @@ def normalized_asymmetry(jacobian: jax.Array) -> jax.Array:
 def asymmetry_penalty(field: Callable[[jax.Array, jax.Array], jax.Array], x: jax.Array,
                       t: jax.Array, key: jax.Array, *, estimator: str = "nonneg",
                       probe: str = "rademacher", num_probes: int = 1,
-                      method: str = "linearize"):
+                      method: str = "linearize", gradient: str = "estimate"):
     """The QC penalty per sample, and the field's value for reuse by the DSM term.
 
     Args:
@@ -148,17 +168,21 @@ def asymmetry_penalty(field: Callable[[jax.Array, jax.Array], jax.Array], x: jax
       num_probes: K; each sample is copied K times with one probe per copy, as in the
         paper, and the K estimates are averaged.
       method: how J v and J^T v are computed (jacobian_products).
+      gradient: 'estimate' or 'jvp' (module docstring; Hutchinson estimators only).
     Returns:
       (field(x, t) [B, *S], penalty [B]).
     """
     if estimator == "exact":
+        if gradient != "estimate":
+            raise ValueError("The exact penalty is differentiated exactly: use "
+                             "gradient='estimate' with estimator 'exact'.")
         out, jacobian = full_jacobian(lambda y: field(y, t), x)
         return out, asymmetry(jacobian)
     copies_x = jnp.repeat(x, num_probes, axis=0)
     copies_t = jnp.repeat(t, num_probes, axis=0)
     v = sample_probes(key, copies_x.shape, probe, x.dtype)
     out, estimate = hutchinson_asymmetry(lambda y: field(y, copies_t), copies_x, v, estimator,
-                                         method)
+                                         method, gradient)
     return out[::num_probes], estimate.reshape(x.shape[0], num_probes).mean(axis=1)
 
 

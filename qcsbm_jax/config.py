@@ -31,6 +31,14 @@ IMAGE_MODELS = {
 }
 
 
+def _loss_defaults(qc_weight: float, estimator: str) -> dict:
+    """loss.*: exactly the keyword arguments of losses.make_loss_fn (documented there);
+    train passes them through."""
+    return dict(weighting="sigma2", qc_weight=qc_weight, estimator=estimator,
+                probe="rademacher", num_probes=1, qc_fraction=1.0, qc_every=1,
+                jacobian_method="linearize", remat="none", qc_gradient="estimate", eps=1e-5)
+
+
 def toy_config(dataset: str, family: str, variant: str | None = None) -> ml_collections.ConfigDict:
     """The paper's 2D setting (PAPER.md, experiment 2) for one data set and model family.
 
@@ -48,9 +56,7 @@ def toy_config(dataset: str, family: str, variant: str | None = None) -> ml_coll
     c.sde = dict(name="ve", sigma_min=0.1, sigma_max=3.0, beta_min=0.1, beta_max=20.0)
     c.model = dict(name="toy_mlp", family=model_family, output="residual",
                    widths=(64, 128, 256), noise_widths=(1, 1, 1))
-    c.loss = dict(weighting="sigma2", qc_weight=qc_weight, estimator=estimator,
-                  probe="rademacher", num_probes=1, qc_fraction=1.0, qc_every=1,
-                  jacobian_method="linearize", remat="none", eps=1e-5)
+    c.loss = _loss_defaults(qc_weight, estimator)
     c.optim = dict(learning_rate=7.5e-4, warmup_steps=0, grad_clip=1.0, b1=0.9, b2=0.999,
                    adam_eps=1e-8, ema_decay=0.0)
     c.training = dict(batch_size=5000, num_steps=4000 if dataset == "checkerboard" else 2000,
@@ -104,9 +110,7 @@ def image_config(dataset: str, family: str, variant: str | None = None,
     c.sde.update(sde)
     c.model = {**getattr(models, preset), "name": model, "family": model_family,
                "output": "scaled", "center_input": not c.data.centered}
-    c.loss = dict(weighting="sigma2", qc_weight=qc_weight, estimator="nonneg",
-                  probe="rademacher", num_probes=1, qc_fraction=1.0, qc_every=1,
-                  jacobian_method="linearize", remat="none", eps=1e-5)
+    c.loss = _loss_defaults(qc_weight, "nonneg")
     c.optim = dict(learning_rate=2e-4, warmup_steps=5000, grad_clip=1.0, b1=0.9, b2=0.999,
                    adam_eps=1e-8, ema_decay=0.999)
     c.training = dict(batch_size=128, num_steps=100_000 if fine_tune else 1_300_000,
@@ -155,6 +159,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         ("loss.weighting", config.loss.weighting, losses.WEIGHTINGS),
         ("loss.estimator", config.loss.estimator, asymmetry.ESTIMATORS),
         ("loss.probe", config.loss.probe, asymmetry.PROBES),
+        ("loss.qc_gradient", config.loss.qc_gradient, asymmetry.GRADIENTS),
         ("sampling.method", config.sampling.method, ("ode", "pc")),
         ("sampling.predictor", config.sampling.predictor, sampling.PREDICTORS),
         ("sampling.corrector", config.sampling.corrector, sampling.CORRECTORS),

@@ -10,9 +10,13 @@ The penalty is evaluated at the same x_t and t as the DSM term, and the score va
 primal pass is the one the DSM term uses (one network evaluation serves both).
 
 A train step with the penalty on every sample costs about 3x a DSM step (the penalty needs
-J v and J^T v, and their gradient; docs/benchmarks.md). Two unbiased ways to pay less:
-  qc_fraction f: the penalty on the first ceil(f B) samples only. The batch is random, so
-    their mean estimates the same expectation; the other samples get a plain forward pass.
+J v and J^T v, and their gradient; docs/benchmarks.md). Three unbiased ways to pay less:
+  qc_gradient 'jvp': differentiate only through J v, with a gradient estimate whose mean
+    is the full penalty's (asymmetry.GRADIENTS); about 2.3x instead of 3x DSM's flops.
+  qc_fraction f: the penalty on ceil(f B) samples only (every B/m-th sample when that
+    count m divides B, so that each device of a data-parallel mesh penalises its own share;
+    else the first m). The batch is random, so their mean estimates the same expectation;
+    the other samples get a plain forward pass.
   qc_every k: the penalty only on steps with step % k == 0, multiplied by k there. Its
     average over any k consecutive steps, and so its expected gradient over training, is
     the full penalty's, and qc_weight keeps its meaning for every k. The k-times larger
@@ -54,12 +58,44 @@ def num_penalised(batch_size: int, qc_fraction: float) -> int:
     return max(1, min(batch_size, math.ceil(round(qc_fraction * batch_size, 6))))
 
 
-def _check_options(weighting, estimator, qc_fraction, qc_every, jacobian_method, remat):
+def split_penalised(a: jax.Array, m: int) -> tuple[jax.Array, jax.Array]:
+    """(the m penalised rows, the other B - m rows) of a [B, ...].
+
+    When m divides B the penalised rows are every (B/m)-th row, spread over the batch so
+    that on a data-parallel mesh each device penalises its own share without moving data
+    (when m is also a multiple of the device count); otherwise the first m rows.
+    """
+    batch = a.shape[0]
+    if batch % m:
+        return a[:m], a[m:]
+    groups = a.reshape(m, batch // m, *a.shape[1:])
+    return groups[:, 0], groups[:, 1:].reshape(batch - m, *a.shape[1:])
+
+
+def merge_penalised(penalised: jax.Array, rest: jax.Array) -> jax.Array:
+    """The inverse of split_penalised: rows back in batch order."""
+    m, batch = penalised.shape[0], penalised.shape[0] + rest.shape[0]
+    if batch % m:
+        return jnp.concatenate([penalised, rest])
+    groups = rest.reshape(m, batch // m - 1, *rest.shape[1:])
+    return jnp.concatenate([penalised[:, None], groups], axis=1).reshape(
+        batch, *rest.shape[1:])
+
+
+def _check_options(weighting, estimator, qc_fraction, qc_every, jacobian_method, remat,
+                   qc_gradient):
     if weighting not in WEIGHTINGS:
         raise ValueError(f"loss.weighting must be one of {WEIGHTINGS}, got {weighting!r}.")
     if estimator not in asymmetry.ESTIMATORS:
         raise ValueError(
             f"loss.estimator must be one of {asymmetry.ESTIMATORS}, got {estimator!r}.")
+    if qc_gradient not in asymmetry.GRADIENTS:
+        raise ValueError(
+            f"loss.qc_gradient must be one of {asymmetry.GRADIENTS}, got {qc_gradient!r}.")
+    if qc_gradient == "jvp" and estimator not in ("nonneg", "jvp_vjp"):
+        raise ValueError(f"loss.qc_gradient='jvp' needs J v and J^T v: set loss.estimator to "
+                         f"'nonneg' or 'jvp_vjp' (got {estimator!r}), or "
+                         "loss.qc_gradient='estimate'.")
     if not 0 < qc_fraction <= 1:
         raise ValueError(f"loss.qc_fraction must be in (0, 1], got {qc_fraction!r}.")
     if not isinstance(qc_every, int) or qc_every < 1:
@@ -75,29 +111,35 @@ def make_loss_fn(score_fn: ScoreFn, sde, *, weighting: str = "sigma2",
                  qc_weight: float = 0.0, estimator: str = "nonneg",
                  probe: str = "rademacher", num_probes: int = 1, qc_fraction: float = 1.0,
                  qc_every: int = 1, jacobian_method: str = "linearize", remat: str = "none",
-                 eps: float = 1e-5) -> Callable:
+                 qc_gradient: str = "estimate", eps: float = 1e-5) -> Callable:
     """Returns `loss_fn(params, x0, key, step=None) -> (loss, metrics)` for a batch x0 [B, *S].
 
     step: the train step as a Python int, required when qc_every > 1 (it picks the branch
     while tracing; ignored otherwise).
+    qc_gradient: 'estimate' differentiates the penalty estimate exactly (the paper);
+    'jvp' gives an unbiased gradient of the same expected penalty without differentiating
+    the J^T v pass (asymmetry module docstring), about 2.3x instead of 3x DSM's flops.
     metrics: 'loss', 'dsm' and, when qc_weight > 0, 'qc': the mean unweighted penalty of
     the penalised samples (with qc_every = k: k times that on penalty steps, 0 on the
     others, so that its average over k consecutive steps estimates the mean penalty).
     """
-    _check_options(weighting, estimator, qc_fraction, qc_every, jacobian_method, remat)
+    _check_options(weighting, estimator, qc_fraction, qc_every, jacobian_method, remat,
+                   qc_gradient)
     if remat != "none":
         score_fn = jax.checkpoint(score_fn, policy=REMAT_POLICIES[remat])
 
     def penalised(field, x_t, t, std, probe_key, scale):
-        """(score [B, *S], scale * mean std^2 penalty, scale * mean penalty) over the
-        first ceil(qc_fraction B) samples; a plain forward pass for the others."""
+        """(score [B, *S], scale * mean std^2 penalty, scale * mean penalty) over
+        ceil(qc_fraction B) samples (split_penalised); a plain forward pass for the others."""
         m = num_penalised(x_t.shape[0], qc_fraction)
+        (x_pen, x_rest), (t_pen, t_rest) = split_penalised(x_t, m), split_penalised(t, m)
+        std_pen = split_penalised(std, m)[0]
         score, penalty = asymmetry.asymmetry_penalty(
-            field, x_t[:m], t[:m], probe_key, estimator=estimator, probe=probe,
-            num_probes=num_probes, method=jacobian_method)
-        if m < x_t.shape[0]:
-            score = jnp.concatenate([score, field(x_t[m:], t[m:], rest=True)])
-        return (score, scale * jnp.mean(jnp.square(std[:m]) * penalty),
+            field, x_pen, t_pen, probe_key, estimator=estimator, probe=probe,
+            num_probes=num_probes, method=jacobian_method, gradient=qc_gradient)
+        if x_rest.shape[0]:
+            score = merge_penalised(score, field(x_rest, t_rest, rest=True))
+        return (score, scale * jnp.mean(jnp.square(std_pen) * penalty),
                 scale * jnp.mean(penalty))
 
     def batch_loss(params, x0, key, penalty_scale: float):

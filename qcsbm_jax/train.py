@@ -143,13 +143,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     parallel.check_batch_size(batch_size, mesh)
     model = experiment.build_score_model(config)
     optimizer = make_optimizer(config.optim)
-    loss_fn = losses.make_loss_fn(
-        model.score_fn, model.sde, weighting=config.loss.weighting,
-        qc_weight=config.loss.qc_weight, estimator=config.loss.estimator,
-        probe=config.loss.probe, num_probes=config.loss.num_probes,
-        qc_fraction=config.loss.qc_fraction, qc_every=config.loss.qc_every,
-        jacobian_method=config.loss.jacobian_method, remat=config.loss.remat,
-        eps=config.loss.eps)
+    loss_fn = losses.make_loss_fn(model.score_fn, model.sde, **config.loss)
 
     init = lambda p: init_state(p, optimizer, config.seed)
     sharding = parallel.state_sharding(mesh, jax.eval_shape(init, model.init_params))

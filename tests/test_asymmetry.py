@@ -95,8 +95,12 @@ def test_estimators_exact_in_expectation(estimator, family):
                                atol=atol)
 
 
-@pytest.mark.parametrize("estimator", HUTCHINSON)
-def test_estimator_parameter_gradients_match_exact(estimator):
+@pytest.mark.parametrize("estimator, gradient", [
+    ("nonneg", "estimate"), ("jvp_vjp", "estimate"), ("two_vjp", "estimate"),
+    ("nonneg", "jvp"), ("jvp_vjp", "jvp")])
+def test_estimator_parameter_gradients_match_exact(estimator, gradient):
+    """The mean gradient over all 2^D sign probes (E[v v^T] = I exactly) is the exact
+    gradient of Asym, for the estimate's own gradient and for the 'jvp' surrogate."""
     score_fn, params = _toy_field("unconstrained", seed=3)
     x, t = _points(seed=4)
     probes = _all_sign_probes(*x.shape)
@@ -106,8 +110,8 @@ def test_estimator_parameter_gradients_match_exact(estimator):
 
     def estimated_loss(p):
         field = lambda y: score_fn(p, y, t)
-        per_probe = jax.vmap(
-            lambda v: asymmetry.hutchinson_asymmetry(field, x, v, estimator)[1].sum())(probes)
+        per_probe = jax.vmap(lambda v: asymmetry.hutchinson_asymmetry(
+            field, x, v, estimator, gradient=gradient)[1].sum())(probes)
         return per_probe.mean()
 
     expected = jax.jit(jax.grad(exact_loss))(params)
@@ -116,6 +120,35 @@ def test_estimator_parameter_gradients_match_exact(estimator):
     for g, e in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
         np.testing.assert_allclose(g, e, atol=1e-4 * scale)
     assert scale > 1e-3  # The penalty really depends on the parameters.
+
+
+@pytest.mark.parametrize("estimator", ["nonneg", "jvp_vjp"])
+def test_jvp_gradient_keeps_the_value_and_changes_only_the_per_probe_gradient(estimator):
+    score_fn, params = _toy_field("unconstrained", seed=3)
+    x, t = _points(seed=4)
+    v = asymmetry.sample_probes(jax.random.key(5), x.shape)
+
+    def penalty(p, gradient):
+        field = lambda y: score_fn(p, y, t)
+        return asymmetry.hutchinson_asymmetry(field, x, v, estimator, gradient=gradient)[1]
+
+    value = {g: penalty(params, g) for g in asymmetry.GRADIENTS}
+    np.testing.assert_allclose(value["jvp"], value["estimate"], rtol=1e-6)
+    grads = {g: jax.grad(lambda p: penalty(p, g).sum())(params) for g in asymmetry.GRADIENTS}
+    gap = max(float(jnp.max(jnp.abs(a - b)))
+              for a, b in zip(jax.tree.leaves(grads["jvp"]), jax.tree.leaves(grads["estimate"])))
+    assert gap > 1e-3  # One probe: another estimate of the same expected gradient.
+
+
+def test_jvp_gradient_needs_both_products():
+    f, x = (lambda y: y), jnp.ones((1, 2))
+    with pytest.raises(ValueError, match="nonneg"):
+        asymmetry.hutchinson_asymmetry(f, x, x, "two_vjp", gradient="jvp")
+    with pytest.raises(ValueError, match="gradient"):
+        asymmetry.hutchinson_asymmetry(f, x, x, "nonneg", gradient="bad")
+    with pytest.raises(ValueError, match="estimate"):
+        asymmetry.asymmetry_penalty(lambda y, t: y, x, jnp.ones(1), jax.random.key(0),
+                                    estimator="exact", gradient="jvp")
 
 
 def test_gaussian_probes_unbiased_statistically():

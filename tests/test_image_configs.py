@@ -2,13 +2,14 @@
 builds its network, and feeds training batches of the data set's shape."""
 
 import glob
+import inspect
 import os
 
 import jax
 import numpy as np
 import pytest
 
-from qcsbm_jax import config as config_lib, data, experiment
+from qcsbm_jax import config as config_lib, data, experiment, losses
 from qcsbm_jax.main import _load_config_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -41,6 +42,7 @@ def test_config_loads_and_validates(path, variant):
     ("sampling.predictor", "reverse_difusion", "euler_maruyama"),
     ("sampling.corrector", "ald", "langevin"),
     ("eval.divergence", "exact", "hutchinson"),  # exact: one jvp per pixel, images only
+    ("loss.qc_gradient", "vjp", "jvp"),
 ])
 def test_bad_sampler_or_divergence_is_refused_before_any_work(key, value, valid):
     config = config_lib.image_config("cifar10", "usbm", "smoke")
@@ -50,6 +52,15 @@ def test_bad_sampler_or_divergence_is_refused_before_any_work(key, value, valid)
     toy = config_lib.toy_config("gaussians8", "usbm", "smoke")
     toy.eval.divergence = "exact"
     config_lib.validate(toy)
+
+
+def test_loss_keys_are_the_loss_functions_options():
+    """train passes config.loss to losses.make_loss_fn as keyword arguments."""
+    options = {name for name, p in inspect.signature(losses.make_loss_fn).parameters.items()
+               if p.kind is inspect.Parameter.KEYWORD_ONLY}
+    for config in (config_lib.toy_config("spirals2", "qcsbm"),
+                   config_lib.image_config("cifar10", "qcsbm")):
+        assert set(config.loss) == options
 
 
 def test_paper_settings():
