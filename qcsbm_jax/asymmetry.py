@@ -47,6 +47,18 @@ PRODUCTS = ("linearize", "separate")
 GRADIENTS = ("estimate", "jvp")
 
 
+def check_gradient(estimator: str, gradient: str) -> None:
+    """Raises ValueError unless gradient is one of GRADIENTS and fits the estimator:
+    'jvp' needs J v and J^T v, so 'nonneg' or 'jvp_vjp'."""
+    if gradient not in GRADIENTS:
+        raise ValueError(f"gradient (loss.qc_gradient) must be one of {GRADIENTS}, "
+                         f"got {gradient!r}.")
+    if gradient == "jvp" and estimator not in ("nonneg", "jvp_vjp"):
+        raise ValueError(f"qc_gradient='jvp' needs J v and J^T v: set the estimator "
+                         f"(loss.estimator) to 'nonneg' or 'jvp_vjp' (got {estimator!r}; "
+                         "all have the same mean), or qc_gradient='estimate'.")
+
+
 def _sum_per_sample(a: jax.Array) -> jax.Array:
     """[B, ...] -> [B]."""
     return jnp.sum(a, axis=tuple(range(1, a.ndim)))
@@ -98,12 +110,8 @@ def hutchinson_asymmetry(f: Field, x: jax.Array, v: jax.Array, estimator: str = 
     Returns:
       (f(x) [B, *S], estimate [B]).
     """
-    if gradient not in GRADIENTS:
-        raise ValueError(f"gradient must be one of {GRADIENTS}, got {gradient!r}.")
+    check_gradient(estimator, gradient)
     if estimator == "two_vjp":
-        if gradient != "estimate":
-            raise ValueError("gradient='jvp' needs J v: use estimator 'nonneg' or 'jvp_vjp' "
-                             "(all three have the same mean), or gradient='estimate'.")
         out, vjp_fn = jax.vjp(f, x)
         (jtv,) = vjp_fn(v)
         (jtjtv,) = vjp_fn(jtv)
@@ -172,10 +180,8 @@ def asymmetry_penalty(field: Callable[[jax.Array, jax.Array], jax.Array], x: jax
     Returns:
       (field(x, t) [B, *S], penalty [B]).
     """
+    check_gradient(estimator, gradient)
     if estimator == "exact":
-        if gradient != "estimate":
-            raise ValueError("The exact penalty is differentiated exactly: use "
-                             "gradient='estimate' with estimator 'exact'.")
         out, jacobian = full_jacobian(lambda y: field(y, t), x)
         return out, asymmetry(jacobian)
     copies_x = jnp.repeat(x, num_probes, axis=0)

@@ -89,13 +89,7 @@ def _check_options(weighting, estimator, qc_fraction, qc_every, jacobian_method,
     if estimator not in asymmetry.ESTIMATORS:
         raise ValueError(
             f"loss.estimator must be one of {asymmetry.ESTIMATORS}, got {estimator!r}.")
-    if qc_gradient not in asymmetry.GRADIENTS:
-        raise ValueError(
-            f"loss.qc_gradient must be one of {asymmetry.GRADIENTS}, got {qc_gradient!r}.")
-    if qc_gradient == "jvp" and estimator not in ("nonneg", "jvp_vjp"):
-        raise ValueError(f"loss.qc_gradient='jvp' needs J v and J^T v: set loss.estimator to "
-                         f"'nonneg' or 'jvp_vjp' (got {estimator!r}), or "
-                         "loss.qc_gradient='estimate'.")
+    asymmetry.check_gradient(estimator, qc_gradient)
     if not 0 < qc_fraction <= 1:
         raise ValueError(f"loss.qc_fraction must be in (0, 1], got {qc_fraction!r}.")
     if not isinstance(qc_every, int) or qc_every < 1:
