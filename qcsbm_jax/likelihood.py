@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from qcsbm_jax import ode
-from qcsbm_jax.sampling import probability_flow_drift
+from qcsbm_jax.sampling.flow import probability_flow_drift
 
 DIVERGENCES = ("exact", "hutchinson")
 

@@ -1,0 +1,7 @@
+"""Samplers of a score model: pure, jittable functions of (params, per-sample keys or
+prior draws). pc: predictor-corrector; flow: the probability-flow ODE (adaptive RK45)."""
+
+from qcsbm_jax.sampling.flow import (ode_sample, ode_sample_from_prior,
+                                     probability_flow_drift)
+from qcsbm_jax.sampling.pc import (CORRECTORS, PREDICTORS, pc_sample, pc_sample_per_key,
+                                   tweedie_denoise)
