@@ -1,4 +1,4 @@
-"""Experiment 4 (PAPER.md): the one-layer untied autoencoder. Append ':smoke' for a short run.
+"""Experiment 4 (docs/method.md): the one-layer untied autoencoder. Append ':smoke' for a short run.
 
 python -m qcsbm_jax.experiments.autoencoder --config configs/autoencoder.py --workdir DIR
 """

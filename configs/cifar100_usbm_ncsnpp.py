@@ -1,4 +1,4 @@
-"""cifar100, U-NCSN++ (unconstrained) (PAPER.md, experiment 3).
+"""cifar100, U-NCSN++ (unconstrained) (docs/method.md, experiment 3).
 
 Append ':small' to the path for a small network (about 40 minutes on a 2-core CPU),
 ':smoke' for a seconds-long test run.

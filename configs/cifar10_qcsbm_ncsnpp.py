@@ -1,4 +1,4 @@
-"""cifar10, QC-NCSN++: fine-tunes cifar10_usbm_ncsnpp for 100k steps with the QC penalty (PAPER.md, experiment 3).
+"""cifar10, QC-NCSN++: fine-tunes cifar10_usbm_ncsnpp for 100k steps with the QC penalty (docs/method.md, experiment 3).
 
 Append ':small' to the path for a small network (about 40 minutes on a 2-core CPU),
 ':smoke' for a seconds-long test run.

@@ -1,4 +1,4 @@
-"""Experiment 1 (PAPER.md): the Gaussian example. Append ':smoke' for a seconds-long run.
+"""Experiment 1 (docs/method.md): the Gaussian example. Append ':smoke' for a seconds-long run.
 
 python -m qcsbm_jax.experiments.gaussian_example --config configs/gaussian_example.py \
     --workdir DIR [--config.floor=0.0 ...]

@@ -40,7 +40,7 @@ def _loss_defaults(qc_weight: float, estimator: str) -> dict:
 
 
 def toy_config(dataset: str, family: str, variant: str | None = None) -> ml_collections.ConfigDict:
-    """The paper's 2D setting (PAPER.md, experiment 2) for one data set and model family.
+    """The paper's 2D setting (docs/method.md, experiment 2) for one data set and model family.
 
     variant: None for the paper's settings, 'smoke' for a seconds-long CPU run.
     """
@@ -84,7 +84,7 @@ def toy_config(dataset: str, family: str, variant: str | None = None) -> ml_coll
 
 def image_config(dataset: str, family: str, variant: str | None = None,
                  model: str = "ncsnpp") -> ml_collections.ConfigDict:
-    """The paper's image setting (PAPER.md, experiment 3) for one data set and model family.
+    """The paper's image setting (docs/method.md, experiment 3) for one data set and model family.
 
     QCSBM fine-tunes a trained USBM (training.init_from = runs/<dataset>_usbm_<model>, the
     workdir `launch/run.sh local` gives that config) for 100k steps with lambda = 1e-4.

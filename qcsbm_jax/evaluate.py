@@ -1,6 +1,6 @@
 """Evaluation (--mode eval) and sampling (--mode sample) of a trained model.
 
-Toy data (PAPER.md, experiment 2), on eval.num_points fresh points:
+Toy data (docs/method.md, experiment 2), on eval.num_points fresh points:
   asym, nasym      exact Jacobian, per point; means over test points and then over the
                    `eval.num_levels` times
   score_error      1/2 E||s - s*||^2, s* the exact score of the training set convolved

@@ -1,4 +1,4 @@
-"""Denoising score matching plus the quasi-conservative penalty (PAPER.md, "Models").
+"""Denoising score matching plus the quasi-conservative penalty (docs/method.md, "Models").
 
 For x0 ~ data, t ~ U(eps, 1), z ~ N(0, I), x_t = mean(x0, t) + std(t) z:
 

@@ -2,7 +2,7 @@
 
 Every consumer (losses, asymmetry estimators, samplers, likelihoods) sees only
 `score_fn(params, x, t, key) -> score` with x: [B, *data_shape], t: [B], key a dropout key
-or None. Two families (PAPER.md, "Models"), each with two output forms:
+or None. Two families (docs/method.md, "Models"), each with two output forms:
 
 unconstrained (USBM / QCSBM): the network output is the score itself, up to scaling,
   residual: s = (x - f) / std(t)          (the paper's toy model)

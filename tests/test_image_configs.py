@@ -64,7 +64,7 @@ def test_loss_keys_are_the_loss_functions_options():
 
 
 def test_paper_settings():
-    """PAPER.md, experiment 3, for QC-NCSN++ on CIFAR-10 and its U-NCSN++ starting point."""
+    """docs/method.md, experiment 3, for QC-NCSN++ on CIFAR-10 and its U-NCSN++ starting point."""
     qc = config_lib.image_config("cifar10", "qcsbm")
     u = config_lib.image_config("cifar10", "usbm")
     assert (qc.sde.name, qc.sde.sigma_min, qc.sde.sigma_max) == ("ve", 0.01, 50.0)

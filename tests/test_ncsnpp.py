@@ -222,7 +222,7 @@ def test_parameter_count_matches_independent_count(preset):
 
 def test_deep_preset_parameter_counts():
     """score_sde reports about 108M parameters for NCSN++ cont. (deep) on CIFAR-10 with
-    progressive input 'residual'; 'input_skip' (PAPER.md) has fewer."""
+    progressive input 'residual'; 'input_skip' (docs/method.md) has fewer."""
     ncsnpp = expected_num_params(32, 3, **models.NCSNPP_DEEP)
     ddpmpp = expected_num_params(32, 3, **models.DDPMPP_DEEP)
     print(f"NCSN++ deep: {ncsnpp:,} parameters; DDPM++ deep: {ddpmpp:,}")

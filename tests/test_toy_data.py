@@ -1,4 +1,4 @@
-"""The toy data sets (PAPER.md, experiment 2) and the resumable batch function.
+"""The toy data sets (docs/method.md, experiment 2) and the resumable batch function.
 
 Statistical checks use fixed keys (so they are deterministic) and bounds of about 5 standard
 errors, or Kolmogorov-Smirnov p-values above 1e-3, so a correct generator passes with any

@@ -1,4 +1,4 @@
-"""Image data sets (PAPER.md, experiment 3): uint8 [N, 32, 32, C] arrays on the host.
+"""Image data sets (docs/method.md, experiment 3): uint8 [N, 32, 32, C] arrays on the host.
 
   cifar10, cifar100   tfds 'cifar10', 'cifar100' (train / test)
   svhn                tfds 'svhn_cropped' (train / test; 'extra' is not used)

@@ -1,4 +1,4 @@
-"""The 2D toy data sets of PAPER.md (experiment 2), generated in JAX from a PRNG key.
+"""The 2D toy data sets of docs/method.md (experiment 2), generated in JAX from a PRNG key.
 
 With U, U', U'' independent U(0, 1) draws, fresh for every point:
 

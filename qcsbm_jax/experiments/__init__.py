@@ -1,4 +1,4 @@
-"""Small self-contained experiments of the paper (PAPER.md, experiments 1 and 4).
+"""Small self-contained experiments of the paper (docs/method.md, experiments 1 and 4).
 
 gaussian_example: gradient-step sampling of N(0, 0.1^2 I) with a rotational (non-conservative)
   or a radial (conservative near the data) perturbation of the exact score.

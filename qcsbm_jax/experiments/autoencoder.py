@@ -1,4 +1,4 @@
-"""Experiment 4 of PAPER.md: a one-layer untied autoencoder trained with the QC penalty alone.
+"""Experiment 4 of docs/method.md: a one-layer untied autoencoder trained with the QC penalty alone.
 
 Model (x in R^D, D = 2, hidden size H = 2):
   s(x) = R h(W^T x + b) + c,  R, W [D, H] untied, b [H], c [D], all initialised U[-1, 1]

@@ -1,4 +1,4 @@
-"""Experiment 1 of PAPER.md: sampling a Gaussian with a perturbed score by gradient steps.
+"""Experiment 1 of docs/method.md: sampling a Gaussian with a perturbed score by gradient steps.
 
 What is implemented (2D, x = (x1, x2), r = |x|, theta the polar angle):
 

@@ -1,4 +1,4 @@
-"""Experiment 2 of PAPER.md: every toy data set x model family x seed, trained, evaluated
+"""Experiment 2 of docs/method.md: every toy data set x model family x seed, trained, evaluated
 and tabulated.
 
     python -m qcsbm_jax.experiments.toy_sweep --workdir DIR

@@ -28,7 +28,7 @@ PROGRESSIVE_INPUT = ("none", "input_skip", "residual")
 PROGRESSIVE_COMBINE = ("sum", "cat")
 EMBEDDINGS = ("fourier", "positional")
 
-# The paper's NCSN++ "continuous deep" as PAPER.md states it: input-skip progressive input, no
+# The paper's NCSN++ "continuous deep" as docs/method.md states it: input-skip progressive input, no
 # progressive output. (The authors' released config and score_sde's
 # cifar10_ncsnpp_deep_continuous use progressive_input='residual'; override that one key to
 # match them.)

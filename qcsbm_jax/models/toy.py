@@ -33,7 +33,7 @@ class SwishMLP(nnx.Module):
 
 
 class ToyScoreNet(nnx.Module):
-    """f(x, sigma) in R^D for the 2D experiments (PAPER.md, experiment 2).
+    """f(x, sigma) in R^D for the 2D experiments (docs/method.md, experiment 2).
 
     x -> 64 -> 128 -> 256 and sigma -> 1 -> 1 -> 1 (Swish with learnable beta between
     layers), concatenated (257), Swish, linear to D. The score parameterisation that turns
