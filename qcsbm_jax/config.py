@@ -7,10 +7,11 @@ misspelt key fails at once with the list of valid keys.
 
 import ml_collections
 
-from qcsbm_jax import asymmetry, likelihood, losses, models, sampling, score
+from qcsbm_jax import asymmetry, data, likelihood, losses, models, sampling, score
 from qcsbm_jax.data import images
 from qcsbm_jax.data.images import IMAGE_DATASETS
 from qcsbm_jax.data.toy import TOY_DATASETS
+from qcsbm_jax.sampling import registry
 
 TOY_FAMILIES = {
     # name: (model.family, loss.qc_weight, loss.estimator)
@@ -62,8 +63,10 @@ def toy_config(dataset: str, family: str, variant: str | None = None) -> ml_coll
     c.training = dict(batch_size=5000, num_steps=4000 if dataset == "checkerboard" else 2000,
                       log_every=100, checkpoint_every=500, keep_checkpoints=3,
                       init_from="")
+    # corrector 'none': the Langevin corrector's step-size rule needs high dimension and
+    # scatters 2D samples far outside the data (sampling.pc._langevin).
     c.sampling = dict(method="ode", num_samples=5000, rtol=1e-3, atol=1e-5, eps=1e-5,
-                      predictor="reverse_diffusion", corrector="langevin", snr=0.16,
+                      predictor="reverse_diffusion", corrector="none", snr=0.16,
                       num_steps=1000, corrector_steps=1, denoise=True, batch_size=5000)
     c.eval = dict(num_points=50_000, num_levels=10, batch_size=5000, rtol=1e-3, atol=1e-5,
                   eps=1e-5, divergence="exact", score_error_points=5000, num_samples=5000,
@@ -90,7 +93,8 @@ def image_config(dataset: str, family: str, variant: str | None = None,
     workdir `launch/run.sh local` gives that config) for 100k steps with lambda = 1e-4.
     variant: None for the paper's settings; 'small' for a small network (nf 16, 3000 steps
     at batch 32: about 40 minutes on a 2-core CPU; the QC fine-tune, 300 steps, starts from
-    runs/<dataset>_usbm_<model>_small); 'smoke' for a seconds-long test run.
+    runs/<dataset>_usbm_<model>_small); 'smoke' for a tiny network and a few steps (the QC
+    fine-tune starts from runs/<dataset>_usbm_<model>_smoke).
     """
     if dataset not in IMAGE_DATASETS:
         raise ValueError(f"Unknown image data set {dataset!r}; valid: {IMAGE_DATASETS}.")
@@ -140,8 +144,9 @@ def image_config(dataset: str, family: str, variant: str | None = None,
         c.model.update(nf=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(16,),
                        dropout=0.1)
         c.optim.update(warmup_steps=0)
-        c.training.update(batch_size=8, num_steps=4, log_every=2, checkpoint_every=2,
-                          init_from="")
+        c.training.update(batch_size=8, num_steps=4, log_every=2, checkpoint_every=2)
+        if fine_tune:
+            c.training.init_from += "_smoke"
         c.sampling.update(num_samples=8, batch_size=8, num_steps=4, rtol=1e-2, atol=1e-2)
         c.eval.update(num_test=8, batch_size=8, num_levels=3, rtol=1e-2, atol=1e-2,
                       num_samples=8)
@@ -160,12 +165,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
         ("loss.estimator", config.loss.estimator, asymmetry.ESTIMATORS),
         ("loss.probe", config.loss.probe, asymmetry.PROBES),
         ("loss.qc_gradient", config.loss.qc_gradient, asymmetry.GRADIENTS),
-        ("sampling.method", config.sampling.method, ("ode", "pc")),
+        ("sampling.method", config.sampling.method, tuple(registry.METHODS)),
         ("sampling.predictor", config.sampling.predictor, sampling.PREDICTORS),
         ("sampling.corrector", config.sampling.corrector, sampling.CORRECTORS),
         # Images: the exact divergence would need one jvp per pixel per ODE step.
         ("eval.divergence", config.eval.divergence,
-         likelihood.DIVERGENCES if config.data.name in TOY_DATASETS else ("hutchinson",)),
+         likelihood.DIVERGENCES if data.of(config).kind == data.TOY else ("hutchinson",)),
     ]
     for key, value, valid in checks:
         if value not in valid:

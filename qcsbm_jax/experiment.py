@@ -7,9 +7,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from qcsbm_jax import models, score, sde as sde_lib
-from qcsbm_jax.data import images
-from qcsbm_jax.data.toy import TOY_DATASETS
+from qcsbm_jax import data, models, score, sde as sde_lib, streams
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,20 +23,11 @@ class ScoreModel:
     data_shape: tuple[int, ...]
 
 
-def data_shape(config: ml_collections.ConfigDict) -> tuple[int, ...]:
-    """The shape of one example: (2,) for toy data, (H, W, C) for images."""
-    if config.data.name in TOY_DATASETS:
-        return (2,)
-    if config.data.name in images.IMAGE_DATASETS:
-        return images.image_shape(config.data.name)
-    raise ValueError(f"Unknown data.name {config.data.name!r}; valid: "
-                     f"{TOY_DATASETS + images.IMAGE_DATASETS}.")
-
-
 def build_score_model(config: ml_collections.ConfigDict) -> ScoreModel:
-    shape = data_shape(config)
+    """The SDE, score function and initial parameters (the 'init' stream of config.seed)."""
+    shape = data.of(config).shape
     sde = sde_lib.get_sde(config.sde)
-    network = models.build_model(config, shape, jax.random.key(config.seed))
+    network = models.build_model(config, shape, streams.stream_key(config.seed, "init"))
     apply_fn, params = models.functional(network)
     score_fn = score.make_score_fn(apply_fn, sde, config.model.family, config.model.output)
     return ScoreModel(sde, score_fn, jax.tree.map(np.asarray, params), shape)

@@ -61,7 +61,8 @@ def main(argv):
             heartbeat_timeout_s=_HEARTBEAT.value)
     except ValueError as error:
         raise app.UsageError(str(error)) from None
-    from qcsbm_jax import config as config_lib, evaluate, train
+    from qcsbm_jax import config as config_lib, train
+    from qcsbm_jax.evaluation import runner
 
     config = _CONFIG.value
     config_lib.validate(config)
@@ -70,17 +71,22 @@ def main(argv):
         workdir = os.path.abspath(workdir)
         os.makedirs(workdir, exist_ok=True)
     mode = _MODE.value
+    outputs = []
     if mode in ("train", "all"):
-        train.train(config, workdir)
+        state = train.train(config, workdir)
+        outputs.append(f"checkpoints (step {int(state.step)}): "
+                       f"{os.path.join(workdir, 'checkpoints')}; TensorBoard logs: {workdir}")
     # Only training saves on SIGTERM; from here on SIGTERM simply ends the program (in a
     # multi-process job JAX's pre-emption service would otherwise catch and ignore it).
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     if mode in ("eval", "all"):
-        metrics = evaluate.evaluate(config, workdir)
+        metrics = runner.evaluate(config, workdir)
         logging.info("Metrics: %s", metrics)
+        outputs.append(f"metrics and plots: {os.path.join(workdir, 'eval')} (metrics.json)")
     if mode in ("sample", "all"):
-        path = evaluate.sample(config, workdir)
-        logging.info("Samples written to %s", path)
+        path = runner.sample(config, workdir)
+        outputs.append(f"samples: {path} and {path[:-len('.npz')]}.png")
+    logging.info("Done. Outputs:\n  %s", "\n  ".join(outputs))
 
 
 def _load_config_file(spec: str):

@@ -183,6 +183,15 @@ def check_batch_size(global_batch_size: int, mesh: Mesh, what: str = "batch size
             f"and the {jax.process_count()} processes; change it in the config.")
 
 
+def bucket_size(count: int, batch_size: int, mesh: Mesh) -> int:
+    """The chunk for count examples: batch_size, or for fewer examples the smallest
+    power-of-two multiple of the device count that holds them, so that one compiled
+    program serves every count of a bucket (and small counts are not padded to a large
+    configured batch)."""
+    per_device = max(1, -(-count // mesh.size))
+    return min(batch_size, (1 << (per_device - 1).bit_length()) * mesh.size)
+
+
 def global_batch(local_batch: np.ndarray, mesh: Mesh) -> jax.Array:
     """Assembles per-process slices [B / P, ...] into one global array [B, ...] on the mesh."""
     return jax.make_array_from_process_local_data(data_sharding(mesh), np.asarray(local_batch))

@@ -15,15 +15,16 @@ import optax
 from absl import logging
 from clu import metric_writers, periodic_actions
 
-from qcsbm_jax import checkpoint, data, experiment, losses, parallel
+from qcsbm_jax import checkpoint, data, experiment, losses, parallel, streams
 
 
 @flax.struct.dataclass
 class TrainState:
     """Everything a run needs to continue exactly.
 
-    step: int32 scalar, updates applied so far. key: base PRNG key; the randomness of step
-    n is fold_in(key, n), so a resumed run draws the same numbers as an uninterrupted one.
+    step: int32 scalar, updates applied so far. key: the 'train' stream key of config.seed
+    (qcsbm_jax.streams); the randomness of step n is fold_in(key, n), so a resumed run
+    draws the same numbers as an uninterrupted one.
     """
     step: jax.Array
     params: Any
@@ -45,7 +46,8 @@ def make_optimizer(optim: ml_collections.ConfigDict) -> optax.GradientTransforma
 
 def init_state(params: Any, optimizer: optax.GradientTransformation, seed: int) -> TrainState:
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
-                      opt_state=optimizer.init(params), key=jax.random.key(seed))
+                      opt_state=optimizer.init(params),
+                      key=streams.stream_key(seed, "train"))
 
 
 def make_train_step(loss_fn, optimizer: optax.GradientTransformation, ema_decay: float):
@@ -181,6 +183,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
         else:
             if config.training.init_from:
                 state = _init_from(config.training.init_from, state, optimizer, metadata)
+            elif config.loss.qc_weight > 0 and data.of(config).kind == data.IMAGE:
+                logging.warning(
+                    "training.init_from is empty: this QCSBM trains from scratch, not as the "
+                    "paper's fine-tune of a trained USBM. To fine-tune, train the USBM first "
+                    "and pass --config.training.init_from=ITS_WORKDIR.")
             writer.write_hparams(_flat_hparams(config))
         start = int(state.step)
         report = periodic_actions.ReportProgress(

@@ -24,8 +24,9 @@ import pytest
 from PIL import Image
 from scipy import stats
 
-from qcsbm_jax import checkpoint, evaluate, experiment, parallel, train
+from qcsbm_jax import checkpoint, data, experiment, parallel, streams, train
 from qcsbm_jax.data import images
+from qcsbm_jax.evaluation import programs, runner
 from qcsbm_jax.sde import VESDE
 
 SHAPE = (4, 4, 1)
@@ -112,6 +113,13 @@ def _config(**eval_overrides) -> ml_collections.ConfigDict:
     return c
 
 
+def _nll_fn(config, model, mesh, centered: bool):
+    ev = config.eval
+    return programs.make_nll_fn(model, mesh, divergence=ev.divergence, rtol=ev.rtol,
+                                atol=ev.atol, eps=ev.eps, batch_size=ev.batch_size,
+                                dequantize=True, centered=centered)
+
+
 def _mesh(devices: int):
     return parallel.make_mesh(devices=jax.devices()[:devices])
 
@@ -125,10 +133,10 @@ def test_bits_per_dim_of_gaussian_images(centered):
     config = _config(batch_size=64, rtol=1e-5, atol=1e-5)
     config.data.centered = centered
     pixels = np.repeat(_gaussian_images(2, centered), 32, axis=0)  # 32 probes per image
-    nll, nfe = evaluate.make_nll_fn(config, model, _mesh(8), dequantize=True,
-                                    centered=centered)(model.init_params, pixels)
-    keys = evaluate.example_keys(evaluate.stream_key(1, evaluate.NLL_STREAM), len(pixels))
-    x, _ = evaluate.likelihood_inputs(keys, pixels, divergence="hutchinson",
+    base = programs.eval_key(1, programs.NLL_STREAM)
+    nll, nfe = _nll_fn(config, model, _mesh(8), centered)(model.init_params, base, pixels)
+    keys = streams.example_keys(base, len(pixels))
+    x, _ = programs.likelihood_inputs(keys, pixels, divergence="hutchinson",
                                       dequantize=True, centered=centered)
     error = nll - (-_exact_log_density(x, mu, q, lam))
     assert nll.shape == nfe.shape == (64,) and np.all(nfe > 10)
@@ -145,14 +153,17 @@ def test_hutchinson_asymmetry_of_a_linear_field():
     rng = np.random.default_rng(2)
     a = rng.standard_normal((DIMS, DIMS))
     config = _config(num_levels=3, batch_size=128)
-    times = evaluate.evaluation_times(3, EPS)
+    times = programs.evaluation_times(3, EPS)
     x0 = rng.uniform(-1, 1, (256, *SHAPE)).astype(np.float32)
     std = np.asarray(SDE.std(jnp.asarray(times)), np.float64)
     quadratic_variance = lambda m: 2 * (np.sum(m**2) - np.sum(np.diag(m) ** 2))
 
     def run(matrix):
-        level_fn = evaluate.make_asymmetry_fn(config, _linear_model(matrix), _mesh(8))
-        return evaluate.asymmetry_summary([level_fn({}, x0, i) for i in range(3)])
+        level_fn = programs.make_hutchinson_asymmetry_fn(_linear_model(matrix), _mesh(8),
+                                                         batch_size=config.eval.batch_size)
+        return programs.asymmetry_summary([
+            level_fn({}, programs.eval_key(1, programs.ASYMMETRY_STREAM, i), x0, times[i])
+            for i in range(3)])
 
     results = run(a)
     b = a.T - a
@@ -187,9 +198,11 @@ def test_per_example_results_do_not_depend_on_devices_or_batches():
     outputs = []
     for devices, batch in ((1, 3), (8, 8)):
         config, mesh = _config(batch_size=batch), _mesh(devices)
-        nll, nfe = evaluate.make_nll_fn(config, gaussian, mesh, dequantize=True,
-                                        centered=True)(gaussian.init_params, pixels)
-        asym, frob = evaluate.make_asymmetry_fn(config, linear, mesh)({}, x0, 1)
+        nll, nfe = _nll_fn(config, gaussian, mesh, True)(
+            gaussian.init_params, programs.eval_key(1, programs.NLL_STREAM), pixels)
+        asym, frob = programs.make_hutchinson_asymmetry_fn(linear, mesh, batch_size=batch)(
+            {}, programs.eval_key(1, programs.ASYMMETRY_STREAM, 1), x0,
+            programs.evaluation_times(2, EPS)[1])
         outputs.append((nll, nfe, asym, frob))
     (nll, nfe, asym, frob), (nll_8, nfe_8, asym_8, frob_8) = outputs
     assert nll.shape == nfe.shape == asym.shape == frob.shape == (10,)
@@ -200,10 +213,12 @@ def test_per_example_results_do_not_depend_on_devices_or_batches():
     assert np.std(nll) > 0.1 and np.std(asym) > 0.05 * np.mean(asym)  # per-example draws
 
 
-def test_chunk_size_avoids_padding_to_a_large_batch():
+def test_bucket_size_avoids_padding_to_a_large_batch_and_new_compiles():
     mesh = _mesh(8)
-    assert [evaluate.chunk_size(500, n, mesh) for n in (64, 10, 1, 1000)] == [64, 16, 8, 500]
-    assert evaluate.chunk_size(3, 10, _mesh(1)) == 3
+    sizes = [parallel.bucket_size(n, 500, mesh) for n in (64, 10, 1, 1000, 40, 33, 65)]
+    assert sizes == [64, 16, 8, 500, 64, 64, 128]
+    assert parallel.bucket_size(10, 3, _mesh(1)) == 3
+    assert parallel.bucket_size(5, 64, _mesh(1)) == 8
 
 
 @pytest.fixture
@@ -216,7 +231,7 @@ def tiny_image_data(monkeypatch):
         assert data_dir is None and fashion_mnist_dir == "unused"
         return test_images
 
-    monkeypatch.setattr(images, "IMAGE_DATASETS", images.IMAGE_DATASETS + ("tiny_images",))
+    monkeypatch.setitem(data.REGISTRY, "tiny_images", data.DataSet("tiny_images", "image", SHAPE))
     monkeypatch.setattr(images, "load_split", load_split)
     model = _gaussian_model(*_gaussian(True))
     monkeypatch.setattr(experiment, "build_score_model", lambda config: model)
@@ -270,7 +285,7 @@ def test_watcher_evaluates_new_checkpoints_until_the_last_step(tiny_image_data, 
 
     thread = threading.Thread(target=trainer, daemon=True)
     thread.start()
-    results = evaluate.evaluate(config, workdir)
+    results = runner.evaluate(config, workdir)
     thread.join(timeout=60)
     assert not failures and not thread.is_alive()
     steps = [_read(os.path.join(out, f"metrics_{s}.json")) for s in (1, 2, 3)]
@@ -299,9 +314,9 @@ def test_watcher_evaluates_new_checkpoints_until_the_last_step(tiny_image_data, 
     # A rerun finds every step evaluated; after losing step 3's metrics (a killed
     # evaluator) it evaluates step 3 again and nothing else.
     stamps = {s: os.stat(os.path.join(out, f"metrics_{s}.json")).st_mtime_ns for s in (1, 2, 3)}
-    assert evaluate.evaluate(config, workdir) == {}
+    assert runner.evaluate(config, workdir) == {}
     os.remove(os.path.join(out, "metrics_3.json"))
-    again = evaluate.evaluate(config, workdir)
+    again = runner.evaluate(config, workdir)
     assert again["step"] == 3.0 and again["bpd"] == pytest.approx(final["bpd"], rel=1e-6)
     for s in (1, 2):
         assert os.stat(os.path.join(out, f"metrics_{s}.json")).st_mtime_ns == stamps[s]
@@ -310,7 +325,7 @@ def test_watcher_evaluates_new_checkpoints_until_the_last_step(tiny_image_data, 
 def test_watcher_gives_up_after_the_timeout(tiny_image_data, tmp_path):
     config = _config(watch=True, watch_timeout=1)
     start = time.monotonic()
-    assert evaluate.evaluate(config, str(tmp_path)) == {}
+    assert runner.evaluate(config, str(tmp_path)) == {}
     assert time.monotonic() - start < 30
     assert not os.path.exists(tmp_path / "eval" / "metrics.json")
 
@@ -319,11 +334,14 @@ def test_sample_mode_writes_an_image_grid(tiny_image_data, tmp_path):
     config = _config()
     config.sampling.update(method="pc", num_samples=5, num_steps=3)
     _save_checkpoint(config, str(tmp_path), 2, 1.0)
-    path = evaluate.sample(config, str(tmp_path))
+    path = runner.sample(config, str(tmp_path))
+    assert path == os.path.join(tmp_path, "samples", "pc.npz")
     with np.load(path) as saved:
-        assert saved["samples"].shape == (5, *SHAPE) and "nfe" not in saved
+        assert saved["samples"].shape == (5, *SHAPE)
         assert saved["images"].dtype == np.uint8
-    grid = _open_png(os.path.join(tmp_path, "samples", "samples.png"))
+        assert np.all(saved["nfe"] == 3 * 2 + 1) and str(saved["method"]) == "pc"
+        assert json.loads(str(saved["settings"]))["num_steps"] == 3
+    grid = _open_png(os.path.join(tmp_path, "samples", "pc.png"))
     assert grid.size == (3 * 6 + 2, 2 * 6 + 2)  # 5 samples: 3 columns, 2 rows
 
 
@@ -331,4 +349,4 @@ def test_unknown_data_set_is_one_clear_error(tiny_image_data):
     config = _config()
     config.data.name = "cifar11"
     with pytest.raises(ValueError, match="cifar11.*tiny_images"):
-        evaluate.data_kind(config)
+        data.of(config)

@@ -7,7 +7,8 @@ import os
 import jax.numpy as jnp
 import numpy as np
 
-from qcsbm_jax import config as config_lib, evaluate, experiment, parallel
+from qcsbm_jax import config as config_lib, experiment, parallel
+from qcsbm_jax.evaluation import outputs, toy
 
 
 def test_failed_ode_solves_are_reported_and_every_file_is_written(tmp_path, caplog):
@@ -20,7 +21,7 @@ def test_failed_ode_solves_are_reported_and_every_file_is_written(tmp_path, capl
         return jnp.where(x[:, :1] > 1.0, jnp.nan, score)
 
     failing = dataclasses.replace(model, score_fn=failing_score_fn)
-    evaluate_params = evaluate.make_toy_evaluator(config, failing, parallel.make_mesh())
+    evaluate_params = toy.make_toy_evaluator(config, failing, parallel.make_mesh())
     evaluation = evaluate_params(failing.init_params)
 
     results = evaluation.metrics
@@ -31,7 +32,7 @@ def test_failed_ode_solves_are_reported_and_every_file_is_written(tmp_path, capl
     assert "likelihood ODE solves failed" in caplog.text
     assert f"{failed} of {config.eval.num_samples} sampling ODE solves failed" in caplog.text
 
-    evaluate.write_evaluation(config, str(tmp_path), 0, evaluation)
+    outputs.write_evaluation(config, str(tmp_path), 0, evaluation)
     with open(os.path.join(tmp_path, "eval", "metrics.json")) as f:
         assert json.load(f)["failed_samples"] == failed
     assert os.path.getsize(os.path.join(tmp_path, "eval", "samples.png")) > 0

@@ -127,7 +127,8 @@ def test_fashion_mnist_training_batches(tmp_path):
 def test_image_path_end_to_end_on_mock_cifar10(tmp_path):
     """Train a smoke U-NCSN++ on mocked CIFAR-10, evaluate and sample it, then QC fine-tune
     it from its workdir (training.init_from), all through the library's entry points."""
-    from qcsbm_jax import evaluate, train
+    from qcsbm_jax import train
+    from qcsbm_jax.evaluation import runner
     from qcsbm_jax.data import images
 
     tfds = images._tensorflow_datasets()
@@ -136,7 +137,7 @@ def test_image_path_end_to_end_on_mock_cifar10(tmp_path):
         usbm = config_lib.image_config("cifar10", "usbm", "smoke")
         state = train.train(usbm, usbm_dir)
         assert int(state.step) == usbm.training.num_steps
-        metrics = evaluate.evaluate(usbm, usbm_dir)
+        metrics = runner.evaluate(usbm, usbm_dir)
         # Uniform dequantized data costs 8 bits/dim; an untrained model is far from it, but
         # the number must be a finite bound computed from every test example.
         assert np.isfinite(metrics["bpd"]) and metrics["bpd"] > 0

@@ -27,8 +27,12 @@ def _checkpoint_steps(workdir):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("run"))
-    _run("--config=configs/toy/gaussians8_qcsbm.py:smoke", f"--workdir={workdir}",
-         "--mode=all")
+    result = _run("--config=configs/toy/gaussians8_qcsbm.py:smoke", f"--workdir={workdir}",
+                  "--mode=all")
+    # Every run ends with where its outputs are.
+    summary = result.stderr[result.stderr.index("Done. Outputs:"):]
+    for place in ("checkpoints", os.path.join(workdir, "eval"), "ode.npz", "ode.png"):
+        assert place in summary, place
     return workdir
 
 
@@ -40,9 +44,10 @@ def test_all_mode_writes_metrics_samples_and_plots(trained):
     assert 0.0 <= metrics["nasym"] <= 1.0
     assert 0.0 <= metrics["precision"] <= 1.0 and 0.0 <= metrics["recall"] <= 1.0
     assert metrics["nfe"] > 0
-    samples = np.load(os.path.join(trained, "samples", "samples.npz"))["samples"]
-    assert samples.shape == (256, 2) and np.all(np.isfinite(samples))
-    for png in ("eval/samples.png", "eval/asymmetry.png", "samples/samples.png"):
+    with np.load(os.path.join(trained, "samples", "ode.npz")) as saved:
+        assert saved["samples"].shape == (256, 2) and np.all(np.isfinite(saved["samples"]))
+        assert str(saved["method"]) == "ode" and json.loads(str(saved["settings"]))["rtol"] > 0
+    for png in ("eval/samples.png", "eval/asymmetry.png", "samples/ode.png"):
         with open(os.path.join(trained, png), "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(trained))
@@ -58,8 +63,12 @@ def test_resume_continues_from_last_checkpoint(trained):
 def test_pc_sampling_mode(trained):
     _run("--config=configs/toy/gaussians8_qcsbm.py:smoke", f"--workdir={trained}",
          "--mode=sample", "--config.sampling.method=pc", "--config.sampling.num_steps=20")
-    samples = np.load(os.path.join(trained, "samples", "samples.npz"))["samples"]
-    assert samples.shape == (256, 2) and np.all(np.isfinite(samples))
+    with np.load(os.path.join(trained, "samples", "pc.npz")) as saved:
+        assert saved["samples"].shape == (256, 2) and np.all(np.isfinite(saved["samples"]))
+        assert str(saved["method"]) == "pc" and np.all(saved["nfe"] == 20 + 1)
+        assert json.loads(str(saved["settings"]))["num_steps"] == 20
+    # One file pair per sampler: the ODE samples of --mode all are still there.
+    assert os.path.exists(os.path.join(trained, "samples", "ode.npz"))
 
 
 def test_workdir_of_another_model_is_refused(trained):

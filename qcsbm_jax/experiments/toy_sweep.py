@@ -7,7 +7,7 @@ and tabulated.
         [--aggregate_only]
 
 Runs. Each (dataset, family, seed) is trained with train.train and evaluated with
-evaluate.evaluate in this process, into DIR/<dataset>_<family>_seed<k>: the files of
+evaluation.runner.evaluate in this process, into DIR/<dataset>_<family>_seed<k>: the files of
 `qcsbm_jax.main --mode train` then `--mode eval` in that directory, plus wall_time.json
 (train_s, eval_s: seconds, compilation included). A run whose eval/metrics.json exists is
 skipped and a partly trained one resumes from its newest checkpoint, so rerunning the same
@@ -103,13 +103,14 @@ def run_one(config: ml_collections.ConfigDict, run_dir: str) -> dict[str, float]
     if os.path.exists(_metrics_path(run_dir)):
         return None
     # Imported here so that aggregation alone does not load the training stack.
-    from qcsbm_jax import evaluate, train
+    from qcsbm_jax import train
+    from qcsbm_jax.evaluation import runner
 
     os.makedirs(run_dir, exist_ok=True)
     start = time.perf_counter()
     train.train(config, run_dir)
     trained = time.perf_counter()
-    evaluate.evaluate(config, run_dir)
+    runner.evaluate(config, run_dir)
     times = {"train_s": trained - start, "eval_s": time.perf_counter() - trained}
     _write_json(os.path.join(run_dir, WALL_TIME_FILE), times)
     return times

@@ -1,0 +1,121 @@
+"""Samplers by name, as jitted programs sharded over a mesh: what every mode runs.
+
+METHODS[name] is a Method: `run(params, keys [B] typed, *, score_fn, sde, shape,
+**settings) -> (x [B, *shape], nfe [B] int32)` and the config.sampling keys it reads.
+Sample b's randomness comes from keys[b] alone, and its prior draw from split(keys[b])[0]
+for every method, so samplers can be compared on the same starting points.
+
+`make_sampler` wraps a method into sample_fn(params, base_key, n): the keys of samples
+0..n-1 are fold_in(base_key, i), so sample i of a base key does not depend on n, on the
+batch it shares or on the number of devices. Batches are padded to power-of-two buckets
+(parallel.bucket_size): a new n compiles nothing new within a bucket.
+"""
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+
+from qcsbm_jax import parallel, streams
+from qcsbm_jax.sampling import flow, pc
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """A sampler: its in-graph function and the config.sampling keys it takes."""
+    run: Callable
+    settings: tuple[str, ...]
+    description: str
+
+
+def _prior(keys: jax.Array, sde, shape: tuple[int, ...]) -> jax.Array:
+    """Prior draws [B, *shape], sample b's from split(keys[b])[0]."""
+    return jax.vmap(lambda k: sde.prior_sample(jax.random.split(k)[0], shape))(keys)
+
+
+def _pc(params, keys, *, score_fn, sde, shape, num_steps, predictor, corrector, snr,
+        corrector_steps, denoise, eps):
+    x = pc.pc_sample_per_key(
+        params, keys, score_fn=score_fn, sde=sde, shape=shape, num_steps=num_steps,
+        predictor=predictor, corrector=corrector, snr=snr, corrector_steps=corrector_steps,
+        denoise=denoise, eps=eps, progress=_log_progress)
+    nfe = (num_steps * ((predictor != "none") + corrector_steps * (corrector != "none"))
+           + int(denoise))
+    return x, jnp.full((keys.shape[0],), nfe, jnp.int32)
+
+
+def _ode(params, keys, *, score_fn, sde, shape, rtol, atol, eps):
+    return flow.ode_sample_from_prior(params, _prior(keys, sde, shape), score_fn=score_fn,
+                                      sde=sde, rtol=rtol, atol=atol, eps=eps)
+
+
+def _log_progress(step: int, total: int) -> None:
+    logging.info("PC sampling: step %d/%d", step, total)
+
+
+METHODS = {
+    "pc": Method(_pc, ("num_steps", "predictor", "corrector", "snr", "corrector_steps",
+                       "denoise", "eps"),
+                 "predictor-corrector (reverse diffusion + Langevin by default)"),
+    "ode": Method(_ode, ("rtol", "atol", "eps"),
+                  "probability-flow ODE, adaptive RK45 (NFE per sample varies)"),
+}
+
+
+def check_method(method: str) -> Method:
+    if method not in METHODS:
+        raise ValueError(f"Unknown sampling method {method!r}; valid: {sorted(METHODS)}.")
+    return METHODS[method]
+
+
+def settings_from_config(sampling: ml_collections.ConfigDict, method: str,
+                         **overrides) -> dict[str, Any]:
+    """The settings of `method` from config.sampling, with overrides applied; an override
+    the method does not take is an error that lists the ones it does."""
+    keys = check_method(method).settings
+    unknown = sorted(set(overrides) - set(keys))
+    if unknown:
+        raise ValueError(f"Sampler {method!r} takes no setting {unknown}; it takes {keys}.")
+    return {key: overrides.get(key, sampling[key]) for key in keys}
+
+
+SampleFn = Callable[[Any, jax.Array, int], tuple[np.ndarray, np.ndarray]]
+
+
+def make_sampler(model, mesh, method: str, *, batch_size: int, **settings) -> SampleFn:
+    """sample_fn(params, base_key, n) -> (samples [n, *S] float32, nfe [n] int32), on host.
+
+    model: experiment.ScoreModel. Every settings key of the method must be given.
+    batch_size: the largest batch one program runs (a multiple of the device count).
+    """
+    entry = check_method(method)
+    missing = sorted(set(entry.settings) - set(settings))
+    if missing:
+        raise ValueError(f"Sampler {method!r} needs the settings {missing}.")
+
+    def local(params, key_data):
+        return entry.run(params, jax.random.wrap_key_data(key_data), score_fn=model.score_fn,
+                         sde=model.sde, shape=model.data_shape, **settings)
+
+    fn = jax.jit(parallel.per_shard(local, mesh, num_replicated=1, num_batched=1))
+
+    def sample_fn(params, base_key, n):
+        keys = streams.example_keys(base_key, n)
+        return parallel.map_batches(lambda k: fn(params, k), (keys,),
+                                    parallel.bucket_size(n, batch_size, mesh), mesh,
+                                    label=f"{method} sampling")
+
+    return sample_fn
+
+
+def make_config_sampler(config: ml_collections.ConfigDict, model, mesh,
+                        method: str | None = None, **overrides) -> SampleFn:
+    """make_sampler with config.sampling's method (or `method`) and settings."""
+    method = method or config.sampling.method
+    return make_sampler(model, mesh, method, batch_size=config.sampling.batch_size,
+                        **settings_from_config(config.sampling, method, **overrides))
