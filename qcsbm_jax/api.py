@@ -36,7 +36,9 @@ class Run:
 
     def __repr__(self) -> str:
         c = self.config
-        return (f"Run({self.workdir!r}, step {self.step}: {c.model.family} {c.model.name} on "
+        family = ("CSBM" if c.model.family == "constrained"
+                  else "QCSBM" if c.loss.qc_weight > 0 else "USBM")
+        return (f"Run({self.workdir!r}, step {self.step}: {family} {c.model.name} on "
                 f"{c.data.name}, {c.sde.name.upper()} SDE)")
 
     @property
@@ -78,17 +80,17 @@ class Run:
         fold_in(the 'eval' stream key of seed, i)."""
         ev, x = self.config.eval, np.asarray(x)
         images = x.dtype == np.uint8
+        centered = images and self.config.data.centered
         nll_fn = self._program(("nll", images), lambda: programs.make_nll_fn(
             self.model, self.mesh, divergence=ev.divergence, rtol=ev.rtol, atol=ev.atol,
-            eps=ev.eps, batch_size=ev.batch_size, dequantize=images,
-            centered=self.config.data.centered))
+            eps=ev.eps, batch_size=ev.batch_size, dequantize=images, centered=centered))
         nll, nfe = nll_fn(self.params, programs.eval_key(seed, programs.NLL_STREAM),
                           x if images else x.astype(np.float32))
         result = {"nll": nll, "nfe": nfe}
         if images:
             result["bpd"] = np.asarray(likelihood.bits_per_dim(
                 nll, int(np.prod(self.data_shape)),
-                data_scale=likelihood.image_data_scale(self.config.data.centered)))
+                data_scale=likelihood.image_data_scale(centered)))
         return result
 
     def asymmetry(self, x, t, seed: int = 0) -> dict[str, np.ndarray]:

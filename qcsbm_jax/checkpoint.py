@@ -12,6 +12,7 @@ which coordinates processes itself.
 """
 
 import json
+import logging as std_logging
 import os
 from typing import Any
 
@@ -122,6 +123,10 @@ def check_compatible(saved_metadata: dict, current_metadata: dict,
             f"differs in:{_listing(lines)}\n{advice}")
 
 
+def _drop_read_only_notice(record: std_logging.LogRecord) -> bool:
+    return "Given directory is read only" not in record.getMessage()
+
+
 def _absolute(path: str) -> str:
     """A local path made absolute (orbax restores only from absolute paths); URLs as given."""
     return path if "://" in path else os.path.abspath(path)
@@ -144,15 +149,21 @@ class Checkpointer:
         self._read_only = read_only
         self._advice = (READ_ONLY_ADVICE if read_only
                         else _fresh_start_advice(self.directory))
-        options = ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep, save_interval_steps=save_interval_steps,
+        options = ocp.CheckpointManagerOptions(  # read-only: what orbax would set, unasked
+            max_to_keep=None if read_only else max_to_keep,
+            save_interval_steps=0 if read_only else save_interval_steps,
             enable_async_checkpointing=async_save, create=not read_only, read_only=read_only)
         # Both handlers read the same files; only the PyTree one restores a subtree.
         state_handler = (ocp.PyTreeCheckpointHandler() if read_only
                          else ocp.StandardCheckpointHandler())
-        self._manager = ocp.CheckpointManager(
-            self.directory, options=options,
-            item_handlers={STATE: state_handler, METADATA: ocp.JsonCheckpointHandler()})
+        absl_logger = std_logging.getLogger("absl")
+        absl_logger.addFilter(_drop_read_only_notice)  # orbax's notice of our own choice
+        try:
+            self._manager = ocp.CheckpointManager(
+                self.directory, options=options,
+                item_handlers={STATE: state_handler, METADATA: ocp.JsonCheckpointHandler()})
+        finally:
+            absl_logger.removeFilter(_drop_read_only_notice)
 
     def __enter__(self) -> "Checkpointer":
         return self

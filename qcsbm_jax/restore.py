@@ -23,9 +23,18 @@ def read_config(workdir: str, step: int | None = None) -> ml_collections.ConfigD
     if "config" not in metadata:
         raise ValueError(f"The checkpoint in {workdir} records no config; pass the config "
                          "it was trained with.")
-    config = ml_collections.ConfigDict(metadata["config"])
+    config = ml_collections.ConfigDict(_tuples(metadata["config"]))
     config.lock()
     return config
+
+
+def _tuples(tree):
+    """JSON lists back to the tuples configs hold."""
+    if isinstance(tree, dict):
+        return {k: _tuples(v) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return tuple(_tuples(v) for v in tree)
+    return tree
 
 
 def restore_params(config: ml_collections.ConfigDict, workdir: str,
