@@ -6,12 +6,15 @@ variance: sqrt(2 / (n D)) relative, pooled over the D coordinates) plus the stat
 discretization allowance.
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from qcsbm_jax import sampling
+from qcsbm_jax import config as config_lib, experiment, parallel, sampling, streams
+from qcsbm_jax.sampling import registry
 from qcsbm_jax.sde import SubVPSDE, VESDE, VPSDE
 
 EPS = 1e-3
@@ -170,3 +173,39 @@ def test_ode_sampler_vp_gaussian():
     np.testing.assert_allclose(x, expected, rtol=1e-3, atol=1e-3 * np.sqrt(v_eps))
     check_moments(x, m_eps + (0 - m_t) * np.sqrt(v_eps / v_t), v_eps / v_t, bias=0.0)
     assert np.all(nfe > 10) and np.all(nfe < 1000)
+
+
+def _eight_gaussians_score(sde):
+    """The exact score of the 8-Gaussians data set (8 clusters of std 1/sqrt(2) at radius
+    8/sqrt(2)) perturbed by the SDE: a perfectly trained toy model."""
+    angles = np.arange(8) * np.pi / 4
+    centres = jnp.asarray(np.stack([np.cos(angles), np.sin(angles)], 1) * 8 / np.sqrt(2),
+                          jnp.float32)
+
+    def score_fn(params, x, t, key=None):
+        var = 0.5 + jnp.square(sde.std(t))[:, None, None]
+        diff = x[:, None, :] - centres[None]
+        weights = jax.nn.softmax(-jnp.sum(jnp.square(diff), -1) / (2 * var[..., 0]), axis=1)
+        return jnp.sum(weights[..., None] * (-diff / var), axis=1)
+
+    return score_fn
+
+
+def test_toy_pc_samples_stay_within_the_data_by_default():
+    """With the toy config's PC settings, samples of the exact 8-Gaussians score stay within
+    the data's range (radius < 8.5); the Langevin corrector's step-size rule, made for high
+    dimension, throws many far outside in 2D (and is warned about)."""
+    config = config_lib.toy_config("gaussians8", "usbm")
+    model = experiment.build_score_model(config)
+    model = dataclasses.replace(model, score_fn=_eight_gaussians_score(model.sde))
+    mesh = parallel.make_mesh()
+
+    def radii(**overrides):
+        settings = registry.settings_from_config(config.sampling, "pc", **overrides)
+        sample_fn = registry.make_sampler(model, mesh, "pc", batch_size=256, **settings)
+        x, _ = sample_fn({}, streams.stream_key(0, "sample"), 256)
+        return np.linalg.norm(x, axis=1)
+
+    assert radii().max() < 8.5
+    with pytest.warns(UserWarning, match="Langevin corrector.*2 dimensions"):
+        assert np.mean(radii(corrector="langevin") > 10) > 0.05

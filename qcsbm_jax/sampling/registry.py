@@ -12,6 +12,8 @@ batch it shares or on the number of devices. Batches are padded to power-of-two 
 """
 
 import dataclasses
+import math
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -84,6 +86,8 @@ def settings_from_config(sampling: ml_collections.ConfigDict, method: str,
     return {key: overrides.get(key, sampling[key]) for key in keys}
 
 
+LANGEVIN_MIN_DIMS = 64  # below, the corrector's rule inflates the variance (pc._langevin)
+
 SampleFn = Callable[[Any, jax.Array, int], tuple[np.ndarray, np.ndarray]]
 
 
@@ -97,6 +101,13 @@ def make_sampler(model, mesh, method: str, *, batch_size: int, **settings) -> Sa
     missing = sorted(set(entry.settings) - set(settings))
     if missing:
         raise ValueError(f"Sampler {method!r} needs the settings {missing}.")
+    dims = math.prod(model.data_shape)
+    if settings.get("corrector") == "langevin" and dims < LANGEVIN_MIN_DIMS:
+        warnings.warn(
+            f"The Langevin corrector's step-size rule needs high-dimensional data; in {dims} "
+            "dimensions it throws samples far outside the data (sampling.pc._langevin). "
+            "Use corrector='none' (the toy configs' default) or the ODE sampler.",
+            stacklevel=2)
 
     def local(params, key_data):
         return entry.run(params, jax.random.wrap_key_data(key_data), score_fn=model.score_fn,
