@@ -132,8 +132,8 @@ def hutchinson_asymmetry(f: Field, x: jax.Array, v: jax.Array, estimator: str = 
 MAX_EXACT_DIM = 64
 
 
-def full_jacobian(f: Field, x: jax.Array):
-    """Per-sample Jacobian from D jvps, one per input coordinate (small D only).
+def value_and_jacobian(f: Field, x: jax.Array):
+    """f(x) and its per-sample Jacobian from D jvps, one per input coordinate (small D only).
 
     Returns (f(x) [B, *S], J [B, D, D]) with D = prod(S) and J[b, i, j] = ds_i/dx_j.
     An unrolled loop of jvps runs about 2.5x faster on CPU than vmapping one
@@ -149,6 +149,11 @@ def full_jacobian(f: Field, x: jax.Array):
         out, column = jax.jvp(f, (x,), (jnp.broadcast_to(e_j.reshape(x.shape[1:]), x.shape),))
         columns.append(column.reshape(batch, dim))
     return out, jnp.stack(columns, axis=-1)
+
+
+def full_jacobian(f: Field, x: jax.Array) -> jax.Array:
+    """Per-sample Jacobian J [B, D, D] of f at x [B, *S] (value_and_jacobian without f(x))."""
+    return value_and_jacobian(f, x)[1]
 
 
 def asymmetry(jacobian: jax.Array) -> jax.Array:
@@ -182,7 +187,7 @@ def asymmetry_penalty(field: Callable[[jax.Array, jax.Array], jax.Array], x: jax
     """
     check_gradient(estimator, gradient)
     if estimator == "exact":
-        out, jacobian = full_jacobian(lambda y: field(y, t), x)
+        out, jacobian = value_and_jacobian(lambda y: field(y, t), x)
         return out, asymmetry(jacobian)
     copies_x = jnp.repeat(x, num_probes, axis=0)
     copies_t = jnp.repeat(t, num_probes, axis=0)

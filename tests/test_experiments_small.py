@@ -112,7 +112,7 @@ def test_asymmetry_is_the_squared_curl_of_the_rotational_perturbation(x64):
             return jnp.exp(0.5 * ge.log_coefficient_sq(y, 1e-3, problem))
 
         curl = 2 * coefficient(x) + jnp.sum(x * jax.vmap(jax.grad(coefficient))(x), -1)
-        _, jacobian = asymmetry.full_jacobian(
+        jacobian = asymmetry.full_jacobian(
             lambda y: ge.score(y, 1e-3, problem, "rotational"), x)
         return asymmetry.asymmetry(jacobian), curl**2
 
@@ -168,7 +168,7 @@ def test_autoencoder_jacobian_is_r_diag_hprime_wt():
                                       _config("autoencoder").model)
     params = jax.tree.map(lambda a: a[0], params)
     x = ae.grid(5, 3.0)
-    _, jacobian = asymmetry.full_jacobian(nnx.merge(graphdef, params), x)
+    jacobian = asymmetry.full_jacobian(nnx.merge(graphdef, params), x)
     z = x @ params["W"] + params["b"]
     beta = params["h"]["beta"]
     gate = jax.nn.sigmoid(beta * z)

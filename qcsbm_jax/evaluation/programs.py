@@ -123,7 +123,7 @@ def make_exact_asymmetry_fn(model, mesh, *, batch_size: int
     at the given (already perturbed) points; small D only (asymmetry.full_jacobian)."""
     @jax.jit
     def jacobian_metrics(params, x, t):
-        jac = asymmetry.full_jacobian(lambda y: model.score_fn(params, y, t), x)[1]
+        jac = asymmetry.full_jacobian(lambda y: model.score_fn(params, y, t), x)
         return asymmetry.asymmetry(jac), asymmetry.normalized_asymmetry(jac)
 
     def asymmetry_fn(params, x, t):

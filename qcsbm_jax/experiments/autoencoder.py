@@ -76,7 +76,7 @@ def grid(num: int, half_width: float) -> jax.Array:
 
 def qc_loss(params: dict, graphdef, points: jax.Array) -> jax.Array:
     """L_QC: mean over points [M, D] of Asym of the exact Jacobian of s."""
-    _, jacobian = asymmetry.full_jacobian(nnx.merge(graphdef, params), points)
+    jacobian = asymmetry.full_jacobian(nnx.merge(graphdef, params), points)
     return jnp.mean(asymmetry.asymmetry(jacobian))
 
 

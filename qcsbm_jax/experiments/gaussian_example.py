@@ -147,7 +147,7 @@ def field_metrics(eps: jax.Array, points: jax.Array, log_weights: dict, problem:
 
     Returns {'asym_<name>': scalar, 'nasym_<name>': scalar} for every name in weights.
     """
-    _, jacobian = asymmetry.full_jacobian(lambda y: score(y, eps, problem, field), points)
+    jacobian = asymmetry.full_jacobian(lambda y: score(y, eps, problem, field), points)
     asym, nasym = asymmetry.asymmetry(jacobian), asymmetry.normalized_asymmetry(jacobian)
     return {f"{metric}_{name}": jnp.sum(jnp.exp(w) * values) for name, w in log_weights.items()
             for metric, values in (("asym", asym), ("nasym", nasym))}
