@@ -45,6 +45,13 @@ class Run:
     def data_shape(self) -> tuple[int, ...]:
         return self.model.data_shape
 
+    def with_params(self, params: Any, step: int, workdir: str | None = None) -> "Run":
+        """A Run of the same model with other parameters (another seed or checkpoint of
+        this config), sharing the compiled programs: they take the parameters as input."""
+        other = Run(self.config, self.model, params, step, self.mesh, workdir)
+        other._programs, other._score = self._programs, self._score
+        return other
+
     def _program(self, key: tuple, make):
         if key not in self._programs:
             self._programs[key] = make()

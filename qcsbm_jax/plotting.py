@@ -83,6 +83,29 @@ def curves_png(path: str, x: Sequence[float], curves: Mapping[str, Sequence[floa
     return _save(fig, path)
 
 
+def panels_png(path: str, panels: Mapping[str, Mapping[str, tuple]], xlabel: str,
+               ylabel: str, floor: float | None = None, title: str | None = None) -> str:
+    """Log-log panels side by side (4 x 3.5 inch each), one per panels key; in a panel one
+    line per name -> (x [K], y [K], y_low [K], y_high [K]) with the band y_low..y_high
+    shaded. floor: a dashed horizontal reference line in every panel."""
+    fig = Figure(figsize=(4 * len(panels), 3.5), dpi=DPI)
+    axes = fig.subplots(1, len(panels), squeeze=False, sharey=True)[0]
+    for ax, (panel, lines) in zip(axes, panels.items()):
+        for i, (name, (x, y, low, high)) in enumerate(lines.items()):
+            ax.plot(x, y, marker=".", color=f"C{i}", label=name)
+            ax.fill_between(x, low, high, color=f"C{i}", alpha=0.2, linewidth=0)
+        if floor is not None:
+            ax.axhline(floor, color="grey", linestyle="--", linewidth=1, label="noise floor")
+        ax.set(xscale="log", yscale="log", xlabel=xlabel, title=panel)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].set_ylabel(ylabel)
+    axes[0].legend(fontsize="small")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
 def to_pixels(images, value_range: tuple[float, float] = (0.0, 1.0)) -> np.ndarray:
     """8-bit pixels (uint8, same shape) of images with values in value_range = (lo, hi):
     round(255 (x - lo) / (hi - lo)), clipped to [0, 255]; NaN becomes 0."""
