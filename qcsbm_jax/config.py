@@ -7,7 +7,7 @@ misspelt key fails at once with the list of valid keys.
 
 import ml_collections
 
-from qcsbm_jax import asymmetry, data, likelihood, losses, models, sampling, score
+from qcsbm_jax import asymmetry, data, likelihood, losses, models, restore, sampling, score
 from qcsbm_jax.data import images
 from qcsbm_jax.data.images import IMAGE_DATASETS
 from qcsbm_jax.data.toy import TOY_DATASETS
@@ -70,7 +70,7 @@ def toy_config(dataset: str, family: str, variant: str | None = None) -> ml_coll
                       num_steps=1000, corrector_steps=1, denoise=True, batch_size=5000)
     c.eval = dict(num_points=50_000, num_levels=10, batch_size=5000, rtol=1e-3, atol=1e-5,
                   eps=1e-5, divergence="exact", score_error_points=5000, num_samples=5000,
-                  pr_k=3, seed=1, watch=False, watch_timeout=0)
+                  pr_k=3, seed=1, watch=False, watch_timeout=0, params="raw")
     c.parallel = dict(data_axis=-1, model_axis=1)
 
     if variant == "smoke":
@@ -126,7 +126,7 @@ def image_config(dataset: str, family: str, variant: str | None = None,
                       num_steps=1000, corrector_steps=1, denoise=True, batch_size=500)
     c.eval = dict(num_test=0, num_levels=100, batch_size=500, rtol=1e-5, atol=1e-5, eps=1e-5,
                   divergence="hutchinson", num_samples=64, seed=1, watch=False,
-                  watch_timeout=0)
+                  watch_timeout=0, params="ema")
     c.parallel = dict(data_axis=-1, model_axis=1)
 
     if variant == "small":
@@ -165,6 +165,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         ("loss.estimator", config.loss.estimator, asymmetry.ESTIMATORS),
         ("loss.probe", config.loss.probe, asymmetry.PROBES),
         ("loss.qc_gradient", config.loss.qc_gradient, asymmetry.GRADIENTS),
+        ("eval.params", config.eval.params, tuple(restore.PARAMS)),
         ("sampling.method", config.sampling.method, tuple(registry.METHODS)),
         ("sampling.predictor", config.sampling.predictor, sampling.PREDICTORS),
         ("sampling.corrector", config.sampling.corrector, sampling.CORRECTORS),

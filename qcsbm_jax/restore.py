@@ -42,13 +42,13 @@ def restore_params(config: ml_collections.ConfigDict, workdir: str,
                    params: str | None = None) -> tuple[Any, int]:
     """The parameters to evaluate, replicated over the mesh, and their step.
 
-    params: 'ema' (EMA parameters), 'raw' (trained parameters) or None: 'ema' when
-    optim.ema_decay > 0, else 'raw' (the two are equal then). step None: the newest
+    params: 'ema' (EMA parameters), 'raw' (trained parameters) or None: config.eval.params
+    (without an EMA, optim.ema_decay = 0, the two are equal). step None: the newest
     readable checkpoint in workdir/checkpoints; otherwise that step. Only the parameters
     and the step are read, so the optimizer settings (schedule, clipping) may differ from
     training's.
     """
-    params = params or ("ema" if config.optim.ema_decay > 0 else "raw")
+    params = params or config.eval.params
     if params not in PARAMS:
         raise ValueError(f"params must be one of {sorted(PARAMS)}, got {params!r}.")
     replicated = parallel.replicated(mesh)
