@@ -8,6 +8,7 @@ misspelt key fails at once with the list of valid keys.
 import ml_collections
 
 from qcsbm_jax import asymmetry, likelihood, losses, models, sampling, score
+from qcsbm_jax import sde as sde_lib
 from qcsbm_jax.data import images
 from qcsbm_jax.data.images import IMAGE_DATASETS
 from qcsbm_jax.data.toy import TOY_DATASETS
@@ -39,6 +40,12 @@ def _loss_defaults(qc_weight: float, estimator: str) -> dict:
                 jacobian_method="linearize", remat="none", qc_gradient="estimate", eps=1e-5)
 
 
+def _solver_defaults(sde_name: str) -> dict:
+    """sampling.* of the fixed-step solvers (sampling.solvers, documented there): the rho
+    grid's rho and EDM's tuned churn for the SDE (edm_stochastic only)."""
+    return dict(rho=7.0, **sampling.EDM_CIFAR10_CHURN["ve" if sde_name == "ve" else "vp"])
+
+
 def toy_config(dataset: str, family: str, variant: str | None = None) -> ml_collections.ConfigDict:
     """The paper's 2D setting (docs/method.md, experiment 2) for one data set and model family.
 
@@ -64,7 +71,8 @@ def toy_config(dataset: str, family: str, variant: str | None = None) -> ml_coll
                       init_from="")
     c.sampling = dict(method="ode", num_samples=5000, rtol=1e-3, atol=1e-5, eps=1e-5,
                       predictor="reverse_diffusion", corrector="langevin", snr=0.16,
-                      num_steps=1000, corrector_steps=1, denoise=True, batch_size=5000)
+                      num_steps=1000, corrector_steps=1, denoise=True, batch_size=5000,
+                      **_solver_defaults(c.sde.name))
     c.eval = dict(num_points=50_000, num_levels=10, batch_size=5000, rtol=1e-3, atol=1e-5,
                   eps=1e-5, divergence="exact", score_error_points=5000, num_samples=5000,
                   pr_k=3, seed=1, watch=False, watch_timeout=0)
@@ -119,7 +127,8 @@ def image_config(dataset: str, family: str, variant: str | None = None,
     sampling_eps = 1e-5 if c.sde.name == "ve" else 1e-3
     c.sampling = dict(method="pc", num_samples=50_000, rtol=1e-5, atol=1e-5, eps=sampling_eps,
                       predictor="reverse_diffusion", corrector="langevin", snr=0.16,
-                      num_steps=1000, corrector_steps=1, denoise=True, batch_size=500)
+                      num_steps=1000, corrector_steps=1, denoise=True, batch_size=500,
+                      **_solver_defaults(c.sde.name))
     c.eval = dict(num_test=0, num_levels=100, batch_size=500, rtol=1e-5, atol=1e-5, eps=1e-5,
                   divergence="hutchinson", num_samples=64, seed=1, watch=False,
                   watch_timeout=0)
@@ -160,7 +169,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         ("loss.estimator", config.loss.estimator, asymmetry.ESTIMATORS),
         ("loss.probe", config.loss.probe, asymmetry.PROBES),
         ("loss.qc_gradient", config.loss.qc_gradient, asymmetry.GRADIENTS),
-        ("sampling.method", config.sampling.method, ("ode", "pc")),
+        ("sampling.method", config.sampling.method, ("ode", "pc", *sampling.SOLVERS)),
         ("sampling.predictor", config.sampling.predictor, sampling.PREDICTORS),
         ("sampling.corrector", config.sampling.corrector, sampling.CORRECTORS),
         # Images: the exact divergence would need one jvp per pixel per ODE step.
@@ -170,6 +179,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
     for key, value, valid in checks:
         if value not in valid:
             raise ValueError(f"--config.{key}={value!r} is not valid; choose one of {valid}.")
+    method = config.sampling.method
+    if method in sampling.SOLVERS:
+        sampling.check_settings(
+            method, sde_lib.get_sde(config.sde), config.sampling.num_steps,
+            eps=config.sampling.eps, **{k: config.sampling[k] for k in sampling.SETTINGS[method]})
     if config.loss.qc_weight < 0:
         raise ValueError("--config.loss.qc_weight must be >= 0.")
     if config.loss.num_probes < 1:
