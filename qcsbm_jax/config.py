@@ -8,6 +8,7 @@ misspelt key fails at once with the list of valid keys.
 import ml_collections
 
 from qcsbm_jax import asymmetry, data, likelihood, losses, models, restore, sampling, score
+from qcsbm_jax import sde as sde_lib
 from qcsbm_jax.data import images
 from qcsbm_jax.data.images import IMAGE_DATASETS
 from qcsbm_jax.data.toy import TOY_DATASETS
@@ -40,6 +41,12 @@ def _loss_defaults(qc_weight: float, estimator: str) -> dict:
                 jacobian_method="linearize", remat="none", qc_gradient="estimate", eps=1e-5)
 
 
+def _solver_defaults(sde_name: str) -> dict:
+    """sampling.* of the fixed-step solvers (sampling.solvers, documented there): the rho
+    grid's rho and EDM's tuned churn for the SDE (edm_stochastic only)."""
+    return dict(rho=7.0, **sampling.EDM_CIFAR10_CHURN["ve" if sde_name == "ve" else "vp"])
+
+
 def toy_config(dataset: str, family: str, variant: str | None = None) -> ml_collections.ConfigDict:
     """The paper's 2D setting (docs/method.md, experiment 2) for one data set and model family.
 
@@ -67,7 +74,8 @@ def toy_config(dataset: str, family: str, variant: str | None = None) -> ml_coll
     # scatters 2D samples far outside the data (sampling.pc._langevin).
     c.sampling = dict(method="ode", num_samples=5000, rtol=1e-3, atol=1e-5, eps=1e-5,
                       predictor="reverse_diffusion", corrector="none", snr=0.16,
-                      num_steps=1000, corrector_steps=1, denoise=True, batch_size=5000)
+                      num_steps=1000, corrector_steps=1, denoise=True, batch_size=5000,
+                      **_solver_defaults(c.sde.name))
     c.eval = dict(num_points=50_000, num_levels=10, batch_size=5000, rtol=1e-3, atol=1e-5,
                   eps=1e-5, divergence="exact", score_error_points=5000, num_samples=5000,
                   pr_k=3, seed=1, watch=False, watch_timeout=0, params="raw")
@@ -123,7 +131,8 @@ def image_config(dataset: str, family: str, variant: str | None = None,
     sampling_eps = 1e-5 if c.sde.name == "ve" else 1e-3
     c.sampling = dict(method="pc", num_samples=50_000, rtol=1e-5, atol=1e-5, eps=sampling_eps,
                       predictor="reverse_diffusion", corrector="langevin", snr=0.16,
-                      num_steps=1000, corrector_steps=1, denoise=True, batch_size=500)
+                      num_steps=1000, corrector_steps=1, denoise=True, batch_size=500,
+                      **_solver_defaults(c.sde.name))
     c.eval = dict(num_test=0, num_levels=100, batch_size=500, rtol=1e-5, atol=1e-5, eps=1e-5,
                   divergence="hutchinson", num_samples=64, seed=1, watch=False,
                   watch_timeout=0, params="ema")
@@ -176,6 +185,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     for key, value, valid in checks:
         if value not in valid:
             raise ValueError(f"--config.{key}={value!r} is not valid; choose one of {valid}.")
+    method = config.sampling.method
+    registry.check_settings(method, sde_lib.get_sde(config.sde),
+                            registry.settings_from_config(config.sampling, method))
     if config.loss.qc_weight < 0:
         raise ValueError("--config.loss.qc_weight must be >= 0.")
     if config.loss.num_probes < 1:

@@ -48,6 +48,12 @@ class SDE:
         return (-0.5 * sq / self.prior_std**2
                 - 0.5 * dims * math.log(2 * math.pi * self.prior_std**2))
 
+    def noise_level(self, t: jax.Array) -> jax.Array:
+        """sigma(t) = std(t) / alpha(t) [B]: the noise std of the scaled state x / alpha(t),
+        whose kernel is N(x0, sigma^2 I) (EDM's sigma; the log-SNR is -2 log sigma).
+        Increasing in t; subclasses invert it with noise_level_time."""
+        return self.std(t) / self.alpha(t)
+
     def reverse_drift(self, score: jax.Array, x: jax.Array, t: jax.Array,
                       probability_flow: bool = False) -> jax.Array:
         """Drift [B, *] of the reverse SDE, f - g^2 s, or of the probability-flow ODE,
@@ -103,6 +109,10 @@ class VESDE(SDE):
         """The network is conditioned on sigma(t) [B]."""
         return self.sigma(t)
 
+    def noise_level_time(self, sigma: jax.Array) -> jax.Array:
+        """The t [B] with noise_level(t) = sigma(t) = sigma [B]."""
+        return jnp.log(sigma / self.sigma_min) / math.log(self.sigma_max / self.sigma_min)
+
     def sde(self, x: jax.Array, t: jax.Array):
         g = self.sigma(t) * math.sqrt(2 * math.log(self.sigma_max / self.sigma_min))
         return jnp.zeros_like(x), g
@@ -143,6 +153,18 @@ class VPSDE(SDE):
     def noise_condition(self, t: jax.Array) -> jax.Array:
         return t
 
+    def time_of_log_alpha(self, log_alpha: jax.Array) -> jax.Array:
+        """The t [B] >= 0 with log_alpha(t) = log_alpha [B] <= 0: the positive root of
+        (beta_max - beta_min) t^2 / 4 + beta_min t / 2 = -log_alpha, written without
+        cancellation."""
+        a = -4 * log_alpha
+        return a / (self.beta_min + jnp.sqrt(self.beta_min**2
+                                             + (self.beta_max - self.beta_min) * a))
+
+    def noise_level_time(self, sigma: jax.Array) -> jax.Array:
+        """The t [B] with noise_level(t) = sqrt(1 / alpha^2 - 1) = sigma [B]."""
+        return self.time_of_log_alpha(-0.5 * jnp.log1p(jnp.square(sigma)))
+
     def sde(self, x: jax.Array, t: jax.Array):
         beta = self.beta(t)
         return -0.5 * bcast(beta, x) * x, jnp.sqrt(beta)
@@ -164,6 +186,11 @@ class SubVPSDE(VPSDE):
 
     def std(self, t: jax.Array) -> jax.Array:
         return -jnp.expm1(2 * self.log_alpha(t))
+
+    def noise_level_time(self, sigma: jax.Array) -> jax.Array:
+        """The t [B] with noise_level(t) = 1 / alpha - alpha = sigma [B], i.e.
+        alpha = 2 / (sigma + sqrt(sigma^2 + 4)), -log alpha = asinh(sigma / 2)."""
+        return self.time_of_log_alpha(-jnp.arcsinh(0.5 * sigma))
 
     def sde(self, x: jax.Array, t: jax.Array):
         beta = self.beta(t)

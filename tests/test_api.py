@@ -60,11 +60,11 @@ def _counting(run: qcsbm_jax.Run) -> tuple[qcsbm_jax.Run, list]:
     return qcsbm_jax.Run(run.config, model, run.params, run.step, run.mesh), traces
 
 
-@pytest.mark.parametrize("method", ["ode", "pc"])
+@pytest.mark.parametrize("method", ["ode", "pc", "heun"])
 def test_sample_i_does_not_depend_on_n_and_a_bucket_compiles_once(trained, method):
     _, workdir = trained
     run, traces = _counting(qcsbm_jax.load(workdir))
-    overrides = {"num_steps": 10} if method == "pc" else {}
+    overrides = {} if method == "ode" else {"num_steps": 10}
     few, info = run.sample(9, method=method, seed=3, **overrides)
     traced = len(traces)
     more, more_info = run.sample(13, method=method, seed=3, **overrides)  # same bucket of 16
@@ -72,8 +72,9 @@ def test_sample_i_does_not_depend_on_n_and_a_bucket_compiles_once(trained, metho
     assert few.shape == (9, 2) and more.shape == (13, 2) and info["nfe"].shape == (9,)
     np.testing.assert_allclose(more[:9], few, rtol=1e-5, atol=1e-5)
     assert info["method"] == method and info["step"] == 20
-    if method == "pc":
-        assert np.all(info["nfe"] == 10 + 1) and info["settings"]["num_steps"] == 10
+    if method != "ode":  # pc without corrector: N + denoising; heun: 2N + denoising
+        assert np.all(info["nfe"] == (10 if method == "pc" else 20) + 1)
+        assert info["settings"]["num_steps"] == 10
     other, _ = run.sample(9, method=method, seed=4, **overrides)
     assert not np.allclose(other, few)
     run.sample(20, method=method, seed=3, **overrides)  # the next bucket (32)
@@ -86,6 +87,8 @@ def test_sample_rejects_a_setting_the_sampler_does_not_take(trained):
         run.sample(4, method="ode", snr=0.1)
     with pytest.raises(ValueError, match="Unknown sampling method"):
         run.sample(4, method="ddim")
+    with pytest.raises(ValueError, match="too few for dpm_solver_2m"):
+        run.sample(4, method="dpm_solver_2m", num_steps=1)
 
 
 def test_log_likelihood_matches_the_evaluation_program(trained):

@@ -24,7 +24,7 @@ import numpy as np
 from absl import logging
 
 from qcsbm_jax import parallel, streams
-from qcsbm_jax.sampling import flow, pc
+from qcsbm_jax.sampling import flow, pc, solvers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,12 +60,22 @@ def _log_progress(step: int, total: int) -> None:
     logging.info("PC sampling: step %d/%d", step, total)
 
 
+_SOLVER_DESCRIPTIONS = {
+    "euler": "Euler on the probability-flow ODE, rho grid (NFE N)",
+    "heun": "Heun (2nd order) on the probability-flow ODE, rho grid (NFE 2N)",
+    "edm_stochastic": "EDM's stochastic sampler: churn + Heun (NFE 2N)",
+    "dpm_solver_2m": "DPM-Solver++(2M), multistep, data prediction (NFE N)",
+    "euler_maruyama": "Euler-Maruyama on the reverse SDE (NFE N)",
+}
 METHODS = {
     "pc": Method(_pc, ("num_steps", "predictor", "corrector", "snr", "corrector_steps",
                        "denoise", "eps"),
-                 "predictor-corrector (reverse diffusion + Langevin by default)"),
+                 "predictor-corrector (reverse diffusion + Langevin by default; NFE 2N)"),
     "ode": Method(_ode, ("rtol", "atol", "eps"),
                   "probability-flow ODE, adaptive RK45 (NFE per sample varies)"),
+    **{name: Method(function, ("num_steps", "eps", *solvers.SETTINGS[name]),
+                    _SOLVER_DESCRIPTIONS[name])
+       for name, function in solvers.SOLVERS.items()},
 }
 
 
@@ -73,6 +83,15 @@ def check_method(method: str) -> Method:
     if method not in METHODS:
         raise ValueError(f"Unknown sampling method {method!r}; valid: {sorted(METHODS)}.")
     return METHODS[method]
+
+
+def check_settings(method: str, sde, settings: dict[str, Any]) -> None:
+    """One clear ValueError if `method` cannot run with these settings on `sde` (the
+    fixed-step solvers' checks: solvers.check_settings)."""
+    check_method(method)
+    if method in solvers.SOLVERS:
+        solvers.check_settings(method, sde, settings["num_steps"],
+                               **{k: v for k, v in settings.items() if k != "num_steps"})
 
 
 def settings_from_config(sampling: ml_collections.ConfigDict, method: str,
@@ -101,6 +120,7 @@ def make_sampler(model, mesh, method: str, *, batch_size: int, **settings) -> Sa
     missing = sorted(set(entry.settings) - set(settings))
     if missing:
         raise ValueError(f"Sampler {method!r} needs the settings {missing}.")
+    check_settings(method, model.sde, settings)
     dims = math.prod(model.data_shape)
     if settings.get("corrector") == "langevin" and dims < LANGEVIN_MIN_DIMS:
         warnings.warn(
