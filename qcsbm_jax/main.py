@@ -1,10 +1,24 @@
-"""Command line: python -m qcsbm_jax.main --config CONFIG --workdir DIR --mode MODE.
+"""Command line: python -m qcsbm_jax.main --config CONFIG[:VARIANT] --workdir DIR --mode MODE.
 
-Modes: train (resumes from DIR when it holds checkpoints), eval (writes
-DIR/eval/metrics.json and plots), sample (writes DIR/samples/samples.npz and a PNG), and
-all (train, then eval, then sample). Any config value can be overridden with
---config.a.b=value; an unknown key is an error that lists the valid ones. DIR may be a
-local path or a gs:// URL.
+Modes:
+  train   train, resuming from DIR's newest checkpoint; --config.training.init_from=RUN
+          starts from another run's parameters (the QC fine-tune of a trained USBM)
+  eval    metrics of the newest checkpoint into DIR/eval (metrics.json, plots, samples)
+  sample  --config.sampling.num_samples samples with --config.sampling.method into
+          DIR/samples/<method>.npz and .png
+  all     train, then eval, then sample
+Configs (configs/): toy/<gaussians8|spirals2|checkerboard>_<csbm|usbm|qcsbm>.py (the
+paper's 2D runs), <cifar10|cifar100|svhn|imagenet32|fashion_mnist>_<family>_ncsnpp.py and
+cifar10_usbm_ddpmpp.py (images), with variants:
+  (none)  the paper's settings
+  :small  images: a small network for a CPU proof run
+  :smoke  a tiny model and a few steps, to check that everything runs
+Samplers (--config.sampling.method): pc, ode (adaptive RK45), euler, heun,
+edm_stochastic, dpm_solver_2m, euler_maruyama (sampling.num_steps). Typical times: see
+README.md ("Set-up" and "Image models").
+Any config value can be overridden with --config.a.b=value; an unknown key is an error
+that lists the valid ones. DIR may be a local path or a gs:// URL. Every run ends with a
+list of where its outputs are.
 
 Several processes (hosts) run the same command; JAX's distributed runtime starts when the
 job has several: on a TPU pod (--distributed=tpu), under srun (detected), or with
