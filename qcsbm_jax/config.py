@@ -78,7 +78,8 @@ def toy_config(dataset: str, family: str, variant: str | None = None) -> ml_coll
                       **_solver_defaults(c.sde.name))
     c.eval = dict(num_points=50_000, num_levels=10, batch_size=5000, rtol=1e-3, atol=1e-5,
                   eps=1e-5, divergence="exact", score_error_points=5000, num_samples=5000,
-                  pr_k=3, seed=1, watch=False, watch_timeout=0, params="raw")
+                  pr_k=3, seed=1, watch=False, watch_timeout=0, params="raw",
+                  output_dir="eval")
     c.parallel = dict(data_axis=-1, model_axis=1)
 
     if variant == "smoke":
@@ -135,7 +136,7 @@ def image_config(dataset: str, family: str, variant: str | None = None,
                       **_solver_defaults(c.sde.name))
     c.eval = dict(num_test=0, num_levels=100, batch_size=500, rtol=1e-5, atol=1e-5, eps=1e-5,
                   divergence="hutchinson", num_samples=64, seed=1, watch=False,
-                  watch_timeout=0, params="ema")
+                  watch_timeout=0, params="ema", output_dir="eval")
     c.parallel = dict(data_axis=-1, model_axis=1)
 
     if variant == "small":

@@ -96,7 +96,8 @@ def main(argv):
     if mode in ("eval", "all"):
         metrics = runner.evaluate(config, workdir)
         logging.info("Metrics: %s", metrics)
-        outputs.append(f"metrics and plots: {os.path.join(workdir, 'eval')} (metrics.json)")
+        outputs.append(f"metrics and plots: {os.path.join(workdir, config.eval.output_dir)} "
+                       "(metrics.json)")
     if mode in ("sample", "all"):
         path = runner.sample(config, workdir)
         outputs.append(f"samples: {path} and {path[:-len('.npz')]}.png")

@@ -104,7 +104,7 @@ def _config(**eval_overrides) -> ml_collections.ConfigDict:
     c.training = dict(num_steps=3)
     c.eval = dict(batch_size=8, num_levels=2, eps=EPS, rtol=1e-4, atol=1e-4,
                   divergence="hutchinson", num_test=0, num_samples=4, seed=1, watch=False,
-                  watch_timeout=120, params="raw")
+                  watch_timeout=120, params="raw", output_dir="eval")
     c.sampling = dict(method="ode", num_steps=4, snr=0.16, denoise=True,
                       predictor="reverse_diffusion", corrector="langevin", corrector_steps=1,
                       rtol=1e-3, atol=1e-3, eps=1e-3, batch_size=8, num_samples=8)

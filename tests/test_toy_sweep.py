@@ -181,3 +181,21 @@ def test_sample_figure_tiles_one_seeds_runs(tmp_path):
     for i in range(len(names)):  # Row-major: data sets down, families across.
         top, left = 2 + (i // 3) * 8, 2 + (i % 3) * 6
         assert np.all(figure[top:top + 6, left:left + 4] == round(255 * i / 10.0))
+
+
+def test_ema_protocol_evaluates_final_and_ema_weights(tmp_path):
+    workdir = str(tmp_path)
+    configs = toy_sweep.sweep_configs(["gaussians8"], ["usbm"], [0], "smoke", TINY,
+                                      ema_decay=0.9)
+    assert configs["gaussians8_usbm_seed0"].optim.ema_decay == 0.9
+    toy_sweep.run_sweep(workdir, configs)
+    run_dir = os.path.join(workdir, "gaussians8_usbm_seed0")
+    final = _read_json(os.path.join(run_dir, "eval", "metrics.json"))
+    ema = _read_json(os.path.join(run_dir, "eval_ema", "metrics.json"))
+    assert final["step"] == ema["step"] == 20.0
+    assert final["nll"] != ema["nll"]  # other weights, same evaluation draws
+    assert toy_sweep.run_sweep(workdir, configs) == {}  # both protocols done: skipped
+    table = toy_sweep.write_summary(workdir)
+    assert "Protocol: eval_ema/" in table
+    results_ema = _read_json(os.path.join(workdir, "results_ema.json"))
+    assert results_ema["gaussians8"]["usbm"]["nll"]["values"] == [ema["nll"]]

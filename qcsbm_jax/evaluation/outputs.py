@@ -1,6 +1,6 @@
 """What evaluation and sampling write, on process 0.
 
-DIR/eval for an evaluated step S: asymmetry_S.png (per-level curves against t / T, log
+DIR/<eval.output_dir> (default DIR/eval) for an evaluated step S: asymmetry_S.png (per-level curves against t / T, log
 scale), samples_S.png (toy: scatter beside test points; images: a grid of the first
 GRID_IMAGES), samples_S.npz, each also copied to its name without _S (the latest); then
 metrics_S.json, which marks S as done, and metrics.json.
@@ -17,7 +17,6 @@ from etils import epath
 
 from qcsbm_jax import data, plotting
 
-EVAL_DIR = "eval"
 SAMPLES_DIR = "samples"
 GRID_IMAGES = 64  # Samples shown in a sample-grid PNG.
 
@@ -65,11 +64,12 @@ def write_samples(config, directory: str, name: str, samples: np.ndarray, step: 
 
 
 def write_evaluation(config, workdir: str, step: int, evaluation: Evaluation) -> dict:
-    """Writes DIR/eval/*_<step> files and their latest copies (module doc); the metrics."""
+    """Writes DIR/<eval.output_dir>/*_<step> files and their latest copies (module doc);
+    returns the metrics."""
     results = dict(evaluation.metrics, step=float(step))
     if jax.process_index() != 0:
         return results
-    out = os.path.join(workdir, EVAL_DIR)
+    out = os.path.join(workdir, config.eval.output_dir)
     epath.Path(out).mkdir(parents=True, exist_ok=True)
     names = []
     num_levels = len(evaluation.level_times)

@@ -25,11 +25,11 @@ from orbax.checkpoint import checkpoint_utils
 
 from qcsbm_jax import checkpoint, data, experiment, parallel, restore, streams
 from qcsbm_jax.evaluation import images, toy
-from qcsbm_jax.evaluation.outputs import (EVAL_DIR, SAMPLES_DIR, Evaluation, write_evaluation,
+from qcsbm_jax.evaluation.outputs import (SAMPLES_DIR, Evaluation, write_evaluation,
                                           write_samples)
 from qcsbm_jax.sampling import registry
 
-SNAPSHOT_DIR = "snapshot"  # Under EVAL_DIR; holds a checkpoints/ directory of snapshots.
+SNAPSHOT_DIR = "snapshot"  # Under eval.output_dir; holds a checkpoints/ directory.
 
 
 def make_evaluator(config, model, mesh) -> Callable[[Any], Evaluation]:
@@ -39,9 +39,9 @@ def make_evaluator(config, model, mesh) -> Callable[[Any], Evaluation]:
     return images.make_image_evaluator(config, model, mesh)
 
 
-def _evaluated(workdir: str, step: int) -> bool:
-    """Whether DIR/eval/metrics_<step>.json exists (the same answer on every process)."""
-    done = epath.Path(workdir, EVAL_DIR, f"metrics_{step}.json").exists()
+def _evaluated(out: str, step: int) -> bool:
+    """Whether out/metrics_<step>.json exists (the same answer on every process)."""
+    done = epath.Path(out, f"metrics_{step}.json").exists()
     return bool(multihost_utils.broadcast_one_to_all(np.int32(done)))
 
 
@@ -59,14 +59,15 @@ def _watch(config, workdir, model, mesh, evaluator, writer) -> dict:
     """Evaluates checkpoints as they appear until training.num_steps (module doc)."""
     final = config.training.num_steps
     timeout = config.eval.watch_timeout or None
-    snapshot_root = os.path.join(workdir, EVAL_DIR, SNAPSHOT_DIR)
+    out = os.path.join(workdir, config.eval.output_dir)
+    snapshot_root = os.path.join(out, SNAPSHOT_DIR)
     steps = checkpoint_utils.checkpoints_iterator(
         os.path.join(workdir, "checkpoints"), timeout=timeout,
         snapshot_dir=epath.Path(snapshot_root) / "checkpoints")
     results, step = {}, None
     with contextlib.closing(steps):
         for step in steps:
-            if _evaluated(workdir, step):
+            if _evaluated(out, step):
                 logging.info("Step %d was evaluated before; skipped.", step)
             else:
                 try:
@@ -84,8 +85,8 @@ def _watch(config, workdir, model, mesh, evaluator, writer) -> dict:
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """Evaluates the newest checkpoint, or with eval.watch every new one until
-    training.num_steps; writes DIR/eval (outputs.py). Returns the last metrics computed
-    ({} when watching found only evaluated steps)."""
+    training.num_steps; writes DIR/<eval.output_dir> (outputs.py). Returns the last
+    metrics computed ({} when watching found only evaluated steps)."""
     mesh = parallel.make_mesh(config.parallel.data_axis, config.parallel.model_axis)
     model = experiment.build_score_model(config)
     watch = config.eval.watch
@@ -93,7 +94,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float
         params, step = restore.restore_params(config, workdir, model, mesh)
     evaluator = make_evaluator(config, model, mesh)
     writer = metric_writers.create_default_writer(
-        os.path.join(workdir, EVAL_DIR), just_logging=jax.process_index() > 0)
+        os.path.join(workdir, config.eval.output_dir), just_logging=jax.process_index() > 0)
     try:
         if watch:
             return _watch(config, workdir, model, mesh, evaluator, writer)

@@ -4,12 +4,15 @@ and tabulated.
     python -m qcsbm_jax.experiments.toy_sweep --workdir DIR
         [--datasets gaussians8,spirals2,checkerboard] [--families csbm,usbm,qcsbm]
         [--seeds 0,1,2] [--variant smoke] [--override training.num_steps=20 ...]
-        [--aggregate_only]
+        [--ema_decay 0.995] [--aggregate_only]
 
 Runs. Each (dataset, family, seed) is trained with train.train and evaluated with
 evaluation.runner.evaluate in this process, into DIR/<dataset>_<family>_seed<k>: the files of
 `qcsbm_jax.main --mode train` then `--mode eval` in that directory, plus wall_time.json
-(train_s, eval_s: seconds, compilation included). A run whose eval/metrics.json exists is
+(train_s, eval_s: seconds, compilation included). With --ema_decay d > 0 the runs also
+keep an EMA of the weights (it does not change training) and are evaluated twice: the
+final weights into eval/ (the paper's protocol) and the EMA weights into eval_ema/ (a
+protocol less at the mercy of step-to-step noise). A run whose metrics all exist is
 skipped and a partly trained one resumes from its newest checkpoint, so rerunning the same
 command continues an interrupted sweep (a resumed run's train_s covers only the resumed part).
 All configs are built before any training, so a bad --override fails at once.
@@ -26,7 +29,8 @@ Aggregation (after the sweep, or alone with --aggregate_only) covers every compl
 DIR, whatever command made it. DIR/results.json holds, per data set and family, the seeds
 and, for each of METRICS, the per-seed values, their mean and their sample standard
 deviation (ddof 1; null for a single seed). DIR/table.md has one markdown table per data set
-(rows: families; cells: mean ± std), which is also printed. DIR/samples_seed<k>.png tiles
+(rows: families; cells: mean ± std), which is also printed; results_ema.json and
+table_ema.md the same for the EMA protocol when its evaluations exist. DIR/samples_seed<k>.png tiles
 the sample plots of seed k's runs once all nine are complete.
 """
 
@@ -49,6 +53,7 @@ from qcsbm_jax.data.toy import TOY_DATASETS
 METRICS = ("asym", "nasym", "score_error", "nll", "precision", "recall", "nfe",
            "train_s", "eval_s")
 WALL_TIME_FILE = "wall_time.json"
+PROTOCOLS = {"eval": ("raw", ""), "eval_ema": ("ema", "_ema")}  # output dir: params, suffix
 _RUN_NAME = re.compile(
     rf"({'|'.join(TOY_DATASETS)})_({'|'.join(config_lib.TOY_FAMILIES)})_seed(\d+)")
 
@@ -71,25 +76,33 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 
 def run_config(dataset: str, family: str, seed: int, variant: str | None = None,
-               overrides: tuple[str, ...] = ()) -> ml_collections.ConfigDict:
-    """toy_config with the seeds set (see the module docstring), then overrides, validated."""
+               overrides: tuple[str, ...] = (), ema_decay: float = 0.0
+               ) -> ml_collections.ConfigDict:
+    """toy_config with the seeds and EMA set (module doc), then overrides, validated."""
     config = config_lib.toy_config(dataset, family, variant)
     config.seed = seed
     config.data.seed = seed
+    config.optim.ema_decay = ema_decay
     config.update_from_flattened_dict(dict(parse_override(o) for o in overrides))
     config_lib.validate(config)
     return config
 
 
 def sweep_configs(datasets, families, seeds, variant: str | None = None,
-                  overrides: tuple[str, ...] = ()) -> dict[str, ml_collections.ConfigDict]:
+                  overrides: tuple[str, ...] = (), ema_decay: float = 0.0
+                  ) -> dict[str, ml_collections.ConfigDict]:
     """Run name -> config for every (dataset, family, seed)."""
-    return {run_name(d, f, s): run_config(d, f, s, variant, overrides)
+    return {run_name(d, f, s): run_config(d, f, s, variant, overrides, ema_decay)
             for d in datasets for f in families for s in seeds}
 
 
-def _metrics_path(run_dir: str) -> str:
-    return os.path.join(run_dir, "eval", "metrics.json")
+def _metrics_path(run_dir: str, output_dir: str = "eval") -> str:
+    return os.path.join(run_dir, output_dir, "metrics.json")
+
+
+def _protocols(config: ml_collections.ConfigDict) -> list[str]:
+    """The evaluation output dirs of a run: eval, and eval_ema when it keeps an EMA."""
+    return ["eval", "eval_ema"] if config.optim.ema_decay > 0 else ["eval"]
 
 
 def _write_json(path: str, values: dict) -> None:
@@ -99,8 +112,10 @@ def _write_json(path: str, values: dict) -> None:
 
 
 def run_one(config: ml_collections.ConfigDict, run_dir: str) -> dict[str, float] | None:
-    """Trains (or resumes) and evaluates one run; its wall times, or None if already complete."""
-    if os.path.exists(_metrics_path(run_dir)):
+    """Trains (or resumes) and evaluates one run (once per protocol); its wall times, or
+    None if already complete."""
+    protocols = _protocols(config)
+    if all(os.path.exists(_metrics_path(run_dir, p)) for p in protocols):
         return None
     # Imported here so that aggregation alone does not load the training stack.
     from qcsbm_jax import train
@@ -110,7 +125,10 @@ def run_one(config: ml_collections.ConfigDict, run_dir: str) -> dict[str, float]
     start = time.perf_counter()
     train.train(config, run_dir)
     trained = time.perf_counter()
-    runner.evaluate(config, run_dir)
+    for output_dir in protocols:
+        protocol = config.copy_and_resolve_references()
+        protocol.eval.update(params=PROTOCOLS[output_dir][0], output_dir=output_dir)
+        runner.evaluate(protocol, run_dir)
     times = {"train_s": trained - start, "eval_s": time.perf_counter() - trained}
     _write_json(os.path.join(run_dir, WALL_TIME_FILE), times)
     return times
@@ -130,15 +148,16 @@ def run_sweep(workdir: str, configs: dict[str, ml_collections.ConfigDict]) -> di
     return done
 
 
-def load_runs(workdir: str) -> dict[RunKey, dict[str, float]]:
-    """(dataset, family, seed) -> METRICS values of every complete run directory in workdir."""
+def load_runs(workdir: str, output_dir: str = "eval") -> dict[RunKey, dict[str, float]]:
+    """(dataset, family, seed) -> METRICS values of every run directory in workdir with
+    metrics in output_dir."""
     runs = {}
     for name in sorted(os.listdir(workdir)):
         match = _RUN_NAME.fullmatch(name)
         run_dir = os.path.join(workdir, name)
-        if not match or not os.path.exists(_metrics_path(run_dir)):
+        if not match or not os.path.exists(_metrics_path(run_dir, output_dir)):
             continue
-        with open(_metrics_path(run_dir)) as f:
+        with open(_metrics_path(run_dir, output_dir)) as f:
             values = json.load(f)
         wall_time = os.path.join(run_dir, WALL_TIME_FILE)
         if os.path.exists(wall_time):
@@ -204,18 +223,25 @@ def write_sample_figure(workdir: str, seed: int) -> str | None:
 
 
 def write_summary(workdir: str) -> str:
-    """Aggregates the complete runs in workdir into results.json and table.md, tiles each
-    seed's sample plots (write_sample_figure); returns the table."""
-    runs = load_runs(workdir)
-    results = aggregate(runs)
-    table = format_tables(results)
-    _write_json(os.path.join(workdir, "results.json"), results)
+    """Aggregates the complete runs in workdir into results.json and table.md (and
+    results_ema.json, table_ema.md), tiles each seed's sample plots
+    (write_sample_figure); returns the tables."""
+    tables = []
+    for output_dir, (_, suffix) in PROTOCOLS.items():
+        runs = load_runs(workdir, output_dir)
+        if not runs and suffix:
+            continue
+        results = aggregate(runs)
+        table = format_tables(results)
+        tables.append(f"# Protocol: {output_dir}/\n\n{table}" if suffix else table)
+        _write_json(os.path.join(workdir, f"results{suffix}.json"), results)
+        if jax.process_index() == 0:
+            with open(os.path.join(workdir, f"table{suffix}.md"), "w") as f:
+                f.write(table)
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, "table.md"), "w") as f:
-            f.write(table)
-        for seed in sorted({seed for _, _, seed in runs}):
+        for seed in sorted({seed for _, _, seed in load_runs(workdir)}):
             write_sample_figure(workdir, seed)
-    return table
+    return "\n".join(tables)
 
 
 def main(argv):
@@ -226,7 +252,7 @@ def main(argv):
     os.makedirs(workdir, exist_ok=True)
     if not FLAGS.aggregate_only:
         configs = sweep_configs(FLAGS.datasets, FLAGS.families, [int(s) for s in FLAGS.seeds],
-                                FLAGS.variant, tuple(FLAGS.override))
+                                FLAGS.variant, tuple(FLAGS.override), FLAGS.ema_decay)
         run_sweep(workdir, configs)
     print(write_summary(workdir))
 
@@ -239,6 +265,8 @@ if __name__ == "__main__":
     flags.DEFINE_enum("variant", None, ["smoke"], "Config variant; default: the paper's.")
     flags.DEFINE_multi_string("override", [], "key=value config override, repeatable.")
     flags.DEFINE_bool("aggregate_only", False, "Only aggregate the complete runs in --workdir.")
+    flags.DEFINE_float("ema_decay", 0.0, "Keep an EMA of the weights with this decay and "
+                       "also evaluate it (eval_ema/); 0: no EMA.")
     flags.register_validator("seeds", lambda seeds: all(s.isdigit() for s in seeds),
                              "--seeds must be non-negative integers, e.g. 0,1,2.")
     flags.mark_flag_as_required("workdir")
