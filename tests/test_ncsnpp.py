@@ -1,5 +1,6 @@
-"""NCSN++ / DDPM++: shapes for every option, the untrained Fourier frequencies, dropout, per-sample independence,
-the constrained (energy) parameterisation, presets and config wiring."""
+"""NCSN++ / DDPM++: shapes for every option, the untrained Fourier frequencies, dropout,
+per-sample independence, the constrained (energy) parameterisation, presets and config
+wiring."""
 
 import functools
 
