@@ -1,7 +1,8 @@
 """Checkpoints you can trust: orbax CheckpointManager with clear failures.
 
 Layout: WORKDIR/checkpoints/<step>/{state, metadata}. `state` is the training pytree
-(orbax StandardSave), `metadata` a JSON dict (the run's config and model signature).
+(orbax StandardSave), `metadata` a JSON dict (the run's config and model signature, and an
+optional NOTE for whoever restores it).
 A read-only Checkpointer restores parts of a stored state (e.g. only the parameters of
 another run, for a fine-tune) without reading the rest.
 Orbax writes each step to `<step>.orbax-checkpoint-tmp` and renames it when complete, so
@@ -24,6 +25,9 @@ from absl import logging
 STATE = "state"
 METADATA = "metadata"
 RESTORED_FROM = "restored_from"  # Added to restored metadata: the step directory read.
+# Optional metadata entry: what the checkpoint holds and how to use it, shown when it does
+# not fit a restore (e.g. an import holding parameters only, restored to resume training).
+NOTE = "note"
 _MAX_LISTED = 10
 READ_ONLY_ADVICE = "Point at another run of this model (same network, family and data)."
 # What orbax/tensorstore raise for missing, truncated or garbled files. Anything else
@@ -249,6 +253,18 @@ class Checkpointer:
             f"Every checkpoint in {self.directory} (steps {steps}) is damaged; see the "
             f"warnings above. {self._advice}")
 
+    def metadata(self, step: int | None = None) -> dict:
+        """The metadata of `step` (default: the newest), with RESTORED_FROM added; the
+        state is not read."""
+        step = self._existing_step(step)
+        args = ocp.args.Composite(**{METADATA: ocp.args.JsonRestore()})
+        try:
+            metadata = dict(self._manager.restore(step, args=args)[METADATA])
+        except _READ_ERRORS as e:
+            raise self._corrupt(step, e) from e
+        metadata[RESTORED_FROM] = self.step_dir(step)
+        return metadata
+
     def wait(self) -> None:
         """Blocks until pending async saves are finalized."""
         self._manager.wait_until_finished()
@@ -288,10 +304,17 @@ class Checkpointer:
             stored = {key: value for key, value in stored.items() if key in target}
         lines = _differences(_describe(stored), _describe(target))
         if lines:
+            advice = (self._note(step) or
+                      f"It was probably written by another model or config. {self._advice}")
             raise IncompatibleCheckpointError(
                 f"The checkpoint {self.step_dir(step)} does not fit the state being "
-                f"restored ({len(lines)} differences):{_listing(lines)}\nIt was probably "
-                f"written by another model or config. {self._advice}")
+                f"restored ({len(lines)} differences):{_listing(lines)}\n{advice}")
+
+    def _note(self, step: int) -> str | None:
+        try:
+            return self.metadata(step).get(NOTE)
+        except CheckpointError:
+            return None
 
     def _corrupt(self, step: int, error: Exception) -> CorruptCheckpointError:
         reason = (str(error).splitlines() or [""])[0][:300]

@@ -27,9 +27,13 @@ IMAGE_FAMILIES = {
     "qcsbm": ("unconstrained", 1e-4),
 }
 IMAGE_MODELS = {
-    # model.name: (network preset, SDE); DDPM++ is the VP/sub-VP network of Song et al. 2021.
-    "ncsnpp": ("NCSNPP_DEEP", dict(name="ve", sigma_min=0.01, sigma_max=50.0)),
-    "ddpmpp": ("DDPMPP_DEEP", dict(name="vp", beta_min=0.1, beta_max=20.0)),
+    # model.name: (network preset and changes to it, SDE, data.centered); DDPM++ is the
+    # VP/sub-VP network of Song et al. 2021. As in the authors' released models
+    # (docs/checkpoints.md): NCSN++ with progressive_input 'residual' (the paper's text
+    # says input skip, the preset's value), DDPM++ on data centred to [-1, 1].
+    "ncsnpp": ("NCSNPP_DEEP", dict(progressive_input="residual"),
+               dict(name="ve", sigma_min=0.01, sigma_max=50.0), False),
+    "ddpmpp": ("DDPMPP_DEEP", {}, dict(name="vp", beta_min=0.1, beta_max=20.0), True),
 }
 
 
@@ -66,7 +70,7 @@ def toy_config(dataset: str, family: str, variant: str | None = None) -> ml_coll
                    widths=(64, 128, 256), noise_widths=(1, 1, 1))
     c.loss = _loss_defaults(qc_weight, estimator)
     c.optim = dict(learning_rate=7.5e-4, warmup_steps=0, grad_clip=1.0, b1=0.9, b2=0.999,
-                   adam_eps=1e-8, ema_decay=0.0)
+                   adam_eps=1e-8, ema_decay=0.0, ema_warmup=False)
     c.training = dict(batch_size=5000, num_steps=4000 if dataset == "checkerboard" else 2000,
                       log_every=100, checkpoint_every=500, keep_checkpoints=3,
                       init_from="")
@@ -112,20 +116,23 @@ def image_config(dataset: str, family: str, variant: str | None = None,
     if model not in IMAGE_MODELS:
         raise ValueError(f"Unknown image model {model!r}; valid: {sorted(IMAGE_MODELS)}.")
     model_family, qc_weight = IMAGE_FAMILIES[family]
-    preset, sde = IMAGE_MODELS[model]
+    preset, preset_changes, sde, centered = IMAGE_MODELS[model]
     fine_tune = family == "qcsbm"
     c = ml_collections.ConfigDict()
     c.seed = 0
 
     c.data = dict(name=dataset, data_dir="", fashion_mnist_dir=images.FASHION_MNIST_DIR,
-                  centered=False, random_flip=True, seed=0)
+                  centered=centered, random_flip=True, seed=0)
     c.sde = dict(name="ve", sigma_min=0.01, sigma_max=50.0, beta_min=0.1, beta_max=20.0)
     c.sde.update(sde)
-    c.model = {**getattr(models, preset), "name": model, "family": model_family,
-               "output": "scaled", "center_input": not c.data.centered}
+    c.model = {**getattr(models, preset), **preset_changes, "name": model,
+               "family": model_family, "output": "scaled", "center_input": not centered}
     c.loss = _loss_defaults(qc_weight, "nonneg")
+    # The EMA warm-up of the authors' code (train.ema_decay_schedule) for a run from
+    # scratch; a fine-tune continues the source's EMA at the full decay, as theirs does
+    # (it restores the EMA with its update count, far past the warm-up).
     c.optim = dict(learning_rate=2e-4, warmup_steps=5000, grad_clip=1.0, b1=0.9, b2=0.999,
-                   adam_eps=1e-8, ema_decay=0.999)
+                   adam_eps=1e-8, ema_decay=0.999, ema_warmup=not fine_tune)
     c.training = dict(batch_size=128, num_steps=100_000 if fine_tune else 1_300_000,
                       log_every=100, checkpoint_every=10_000, keep_checkpoints=3,
                       init_from=f"runs/{dataset}_usbm_{model}" if fine_tune else "")

@@ -50,9 +50,20 @@ def init_state(params: Any, optimizer: optax.GradientTransformation, seed: int) 
                       key=streams.stream_key(seed, "train"))
 
 
-def make_train_step(loss_fn, optimizer: optax.GradientTransformation, ema_decay: float):
+def ema_decay_schedule(optim: ml_collections.ConfigDict) -> float | Callable:
+    """optim.ema_decay, or with optim.ema_warmup the official warm-up: the EMA update that
+    makes step n (1, 2, ...) uses min(ema_decay, (1 + n) / (10 + n)), a function of the
+    state's step (n - 1, the updates before it)."""
+    if not optim.ema_warmup:
+        return optim.ema_decay
+    return lambda step: jnp.minimum(optim.ema_decay, (2.0 + step) / (11.0 + step))
+
+
+def make_train_step(loss_fn, optimizer: optax.GradientTransformation,
+                    ema_decay: float | Callable):
     """Returns train_step(state, batch [B, *S]) -> (state, metrics) for
-    loss_fn(params, batch, key) -> (loss, metrics).
+    loss_fn(params, batch, key) -> (loss, metrics). ema_decay: a number, or a function of
+    state.step (ema_decay_schedule).
 
     A step whose loss or gradients are not finite leaves the state unchanged and reports
     metrics['nonfinite'] = 1, so a NaN never reaches the parameters or a checkpoint.
@@ -65,8 +76,9 @@ def make_train_step(loss_fn, optimizer: optax.GradientTransformation, ema_decay:
         finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        ema = jax.tree.map(lambda e, p: ema_decay * e + (1 - ema_decay) * p,
-                           state.ema_params, params)
+        decay = ema_decay(state.step) if callable(ema_decay) else ema_decay
+        # e - (1 - d)(e - p): exactly e where p == e (the never-trained parameters).
+        ema = jax.tree.map(lambda e, p: e - (1 - decay) * (e - p), state.ema_params, params)
         keep_finite = lambda new, old: jax.tree.map(
             lambda a, b: jnp.where(finite, a, b), new, old)
         new = state.replace(step=state.step + finite.astype(state.step.dtype),
@@ -80,8 +92,9 @@ def make_train_step(loss_fn, optimizer: optax.GradientTransformation, ema_decay:
     return train_step
 
 
-def make_step_selector(loss_fn, optimizer: optax.GradientTransformation, ema_decay: float,
-                       qc_every: int, jit: Callable = jax.jit) -> Callable[[int], Callable]:
+def make_step_selector(loss_fn, optimizer: optax.GradientTransformation,
+                       ema_decay: float | Callable, qc_every: int,
+                       jit: Callable = jax.jit) -> Callable[[int], Callable]:
     """Returns step_for(step) -> the jitted train step to run at host step `step`.
 
     loss_fn(params, batch, key, step) is losses.make_loss_fn's. With qc_every = k > 1 there
@@ -154,7 +167,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
                 "signature": experiment.model_signature(config, model.init_params)}
     qc_every = config.loss.qc_every if config.loss.qc_weight > 0 else 1
     train_step_for = make_step_selector(
-        loss_fn, optimizer, config.optim.ema_decay, qc_every,
+        loss_fn, optimizer, ema_decay_schedule(config.optim), qc_every,
         functools.partial(jax.jit, in_shardings=(sharding, parallel.data_sharding(mesh)),
                           out_shardings=(sharding, parallel.replicated(mesh)),
                           donate_argnums=0))

@@ -188,6 +188,23 @@ def test_target_with_other_shapes_raises_incompatible(tmp_path):
             ckpt.restore(abstract(retyped))
 
 
+def test_metadata_alone_and_a_stored_note_on_a_misfit(tmp_path):
+    """metadata() reads no state; a checkpoint's NOTE replaces the generic advice when it
+    does not fit (e.g. an import holding parameters only, restored to resume training)."""
+    state = make_state()
+    with checkpoint.Checkpointer(tmp_path) as ckpt:
+        ckpt.save(3, {"step": state.step, "params": state.params},
+                  metadata=dict(METADATA, **{checkpoint.NOTE: "Parameters only: use init_from."}))
+        metadata = ckpt.metadata()
+        assert metadata["config"] == METADATA["config"]
+        assert metadata[checkpoint.RESTORED_FROM] == ckpt.step_dir(3)
+        with pytest.raises(checkpoint.IncompatibleCheckpointError) as error:
+            ckpt.restore(abstract(state))
+        assert "opt_state" in str(error.value) and str(error.value).endswith("use init_from.")
+        with pytest.raises(FileNotFoundError, match="step 4"):
+            ckpt.metadata(4)
+
+
 def _delete_data(step_dir):
     for path in glob.glob(os.path.join(step_dir, "state", "d", "*")):
         os.remove(path)

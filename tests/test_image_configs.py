@@ -72,7 +72,8 @@ def test_paper_settings():
     assert qc.model.num_res_blocks == 8 and tuple(qc.model.attn_resolutions) == (16,)
     assert qc.model.resblock_type == "biggan" and qc.model.fir
     assert tuple(qc.model.fir_kernel) == (1, 3, 3, 1) and qc.model.skip_rescale
-    assert qc.model.progressive_input == "input_skip"
+    assert qc.model.progressive_input == "residual"  # the authors' released models'
+    assert qc.optim.ema_warmup is False and u.optim.ema_warmup is True
     assert (qc.model.embedding_type, qc.model.fourier_scale) == ("fourier", 16.0)
     assert qc.model.dropout == 0.1 and qc.model.output == "scaled"
     assert (qc.optim.learning_rate, qc.optim.warmup_steps, qc.optim.grad_clip,
@@ -86,6 +87,7 @@ def test_paper_settings():
     assert (qc.eval.num_levels, qc.eval.divergence, qc.eval.num_test) == (100, "hutchinson", 0)
     ddpm = config_lib.image_config("cifar10", "usbm", model="ddpmpp")
     assert ddpm.sde.name == "vp" and ddpm.model.embedding_type == "positional"
+    assert ddpm.data.centered and not ddpm.model.center_input  # as score_sde's DDPM++
 
 
 def test_small_qc_fine_tunes_the_small_usbm():

@@ -1,6 +1,7 @@
 """torch_io: PyTorch files read without torch, against arrays torch itself saved
 (tests/fixtures/torch_io/make_fixtures.py)."""
 
+import collections
 import os
 import shutil
 import zipfile
@@ -79,3 +80,39 @@ def test_damaged_files_give_one_clear_error(tmp_path):
     shutil.make_archive(str(other_zip)[:-4], "zip", FIXTURES)
     with pytest.raises(torch_io.TorchFileError, match="not a PyTorch checkpoint"):
         torch_io.load(other_zip)
+
+
+def test_save_writes_what_load_reads_back_with_aligned_storages(tmp_path):
+    """The writer's format is torch.save's (tests/fixtures/convert/make_fixtures.py
+    --check_export loads such files with torch, through the official code)."""
+    conv = np.arange(2 * 3 * 3 * 3, dtype=np.float32).reshape(2, 3, 3, 3)
+    state = {
+        "model": collections.OrderedDict(
+            conv=conv, transposed=conv.transpose(3, 2, 0, 1), sigmas=np.linspace(1, 2, 5),
+            count=np.array(7, np.int64), half=np.ones(3, np.float16), empty=np.zeros((0, 4))),
+        "ema": {"decay": 0.999, "num_updates": 3, "shadow_params": [conv[0], conv[1]]},
+        "optimizer": {"state": {}, "param_groups": [{"lr": 2e-4, "betas": (0.9, 0.999),
+                                                     "amsgrad": False, "params": [0, 1]}]},
+        "step": 2**40, "negative": -70_000, "none": None, "name": "é",
+    }
+    path = tmp_path / "saved.pth"
+    torch_io.save(state, path)
+    back = torch_io.load(path)
+    assert isinstance(back["model"], collections.OrderedDict)
+    assert list(back["model"]) == list(state["model"])
+    for key, value in state["model"].items():
+        assert back["model"][key].dtype == value.dtype, key
+        np.testing.assert_array_equal(back["model"][key], value, err_msg=key)
+    np.testing.assert_array_equal(back["ema"]["shadow_params"][1], conv[1])
+    assert back["optimizer"] == state["optimizer"]
+    assert {k: back[k] for k in ("step", "negative", "none", "name")} == {
+        "step": 2**40, "negative": -70_000, "none": None, "name": "é"}
+    with zipfile.ZipFile(path) as archive:
+        entries = [i for i in archive.infolist() if "/data/" in i.filename]
+        assert len(entries) == len(state["model"]) + 2
+        for info in entries:
+            offset = info.header_offset + 30 + len(info.filename) + len(info.extra)
+            assert offset % torch_io.ZIP_ALIGNMENT == 0 and info.compress_type == zipfile.ZIP_STORED
+    with pytest.raises(TypeError, match="Cannot write 'object' objects"):
+        torch_io.save({"x": object()}, tmp_path / "bad.pth")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["saved.pth"]

@@ -2,6 +2,7 @@
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import pytest
@@ -98,6 +99,30 @@ def test_ema_follows_its_formula():
     # One SGD step moves w from 0 to 0.2; the EMA moves a quarter of the way.
     np.testing.assert_allclose(new.params["w"], 0.2, rtol=1e-6)
     np.testing.assert_allclose(new.ema_params["w"], 0.25 * 0.2, rtol=1e-6)
+
+
+def test_ema_warmup_is_the_official_schedule_and_keeps_equal_values_exactly():
+    """decay_n = min(ema_decay, (1 + n) / (10 + n)) for the update that makes step n; a
+    parameter that never moves (e.g. the Fourier frequencies) keeps its EMA bit for bit."""
+    def loss(params, batch, key):
+        value = jnp.sum((params["w"] - 1.0) ** 2)
+        return value, {"loss": value}
+
+    optim = ml_collections.ConfigDict(dict(ema_decay=0.999, ema_warmup=True))
+    decay = train.ema_decay_schedule(optim)
+    np.testing.assert_allclose([decay(n - 1) for n in (1, 2, 100, 10_000)],
+                               [2 / 11, 3 / 12, 101 / 110, 0.999], rtol=1e-6)
+    optimizer = optax.sgd(0.1)
+    fixed = jnp.array([0.1, 3.7, -1.3e-5], jnp.float32)
+    state = train.init_state({"w": jnp.zeros(2), "fixed": fixed}, optimizer, 0)
+    step = jax.jit(train.make_train_step(loss, optimizer, decay))
+    new, _ = step(state, jnp.ones((1, 2)))
+    np.testing.assert_allclose(new.ema_params["w"], (1 - 2 / 11) * 0.2, rtol=1e-6)
+    for _ in range(3):
+        new, _ = step(new, jnp.ones((1, 2)))
+    np.testing.assert_array_equal(new.ema_params["fixed"], fixed)
+    optim.ema_warmup = False
+    assert train.ema_decay_schedule(optim) == 0.999
 
 
 def test_mesh_and_batch_errors_are_clear():

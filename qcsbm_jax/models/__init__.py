@@ -56,8 +56,9 @@ def functional(model: nnx.Module) -> tuple[ApplyFn, dict]:
     """Splits an NNX module into a pure `apply_fn` and its trainable parameters.
 
     Parameters (nnx.Param) become a plain nested dict, the only thing optimisers, EMA and
-    checkpoints see. Every other variable (fixed buffers such as Fourier frequencies) is
-    closed over by `apply_fn`, so it is never trained, decayed or checkpointed.
+    checkpoints see; it includes the Fourier frequencies, which the network reads through
+    stop_gradient (layers.GaussianFourierEmbedding). Any other variable is closed over by
+    `apply_fn`.
     """
     graphdef, param_state, buffers = nnx.split(model, nnx.Param, ...)
     params = nnx.to_pure_dict(param_state)

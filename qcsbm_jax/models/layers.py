@@ -18,16 +18,6 @@ from flax import nnx
 _NHWC = ("NHWC", "HWIO", "NHWC")
 
 
-class Buffer(nnx.Variable):
-    """A fixed array that is part of the network but never trained.
-
-    It is not an nnx.Param, so `qcsbm_jax.models.functional` leaves it out of the
-    parameters (no gradient, no weight decay, no checkpoint) and closes over it instead.
-    It must therefore be built without the model's random key (from a constant or a
-    fixed seed), so every build of the network, whatever its seed, has the same buffers.
-    """
-
-
 def default_init(scale: float = 1.0):
     """score_sde's initialiser: variance scaling, fan_avg, uniform; scale 0 means 1e-10."""
     return nnx.initializers.variance_scaling(scale if scale != 0 else 1e-10,
@@ -79,18 +69,23 @@ FOURIER_SEED = 0
 class GaussianFourierEmbedding(nnx.Module):
     """[sin(2 pi w c), cos(2 pi w c)] of a scalar c per sample, w ~ N(0, scale^2) fixed.
 
-    The frequencies w [size] are a Buffer, never trained or checkpointed, so they are drawn
-    from a fixed key (FOURIER_SEED), not from the model's seed: they are part of the
-    architecture, and a checkpoint restores into the same function whatever config.seed.
+    The frequencies w [size] are an nnx.Param, so checkpoints carry them (a model imported
+    from PyTorch keeps its own), but they are never trained: the network reads them
+    through lax.stop_gradient, so their gradient is exactly zero for every loss (the QC
+    penalty included), Adam leaves them unchanged and the EMA keeps them. They are drawn
+    from a fixed key (FOURIER_SEED), not from the model's seed: part of the architecture,
+    the same in every build whatever config.seed. Weight decay, were it ever added, must
+    leave them out.
     """
 
     def __init__(self, size: int, scale: float):
         key = jax.random.key(FOURIER_SEED)
-        self.frequencies = Buffer(scale * jax.random.normal(key, (size,)))
+        self.frequencies = nnx.Param(scale * jax.random.normal(key, (size,)))
 
     def __call__(self, c: jax.Array) -> jax.Array:
         """c: [B] -> [B, 2 * size]."""
-        angles = 2 * math.pi * c[:, None] * self.frequencies[...][None, :]
+        frequencies = lax.stop_gradient(self.frequencies[...])
+        angles = 2 * math.pi * c[:, None] * frequencies[None, :]
         return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
 
 

@@ -78,7 +78,7 @@ class NCSNpp(nnx.Module):
 
     The noise condition c is embedded according to `embedding_type`:
       'fourier':    Gaussian Fourier features of log(c), frequencies ~ N(0, fourier_scale^2)
-                    kept in a fixed Buffer (VE SDE: c = sigma(t));
+                    in params['fourier']['frequencies'], never trained (VE SDE: c = sigma(t));
       'positional': sinusoidal features of 999 c (VP / sub-VP SDE: c = t in [0, 1]).
     center_input maps x -> 2x - 1 first (data in [0, 1]).
 
