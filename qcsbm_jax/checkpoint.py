@@ -231,16 +231,6 @@ class Checkpointer:
         metadata[RESTORED_FROM] = self.step_dir(step)
         return _wrap_keys(restored[STATE], abstract_state), metadata
 
-    def metadata(self, step: int | None = None) -> dict:
-        """The JSON metadata saved with `step` (default: the newest), without the state."""
-        step = self._existing_step(step)
-        try:
-            restored = self._manager.restore(
-                step, args=ocp.args.Composite(**{METADATA: ocp.args.JsonRestore()}))
-        except _READ_ERRORS as e:
-            raise self._corrupt(step, e) from e
-        return dict(restored[METADATA], **{RESTORED_FROM: self.step_dir(step)})
-
     def restore_latest_valid(self, abstract_state: Any) -> tuple[Any, dict]:
         """restore() of the newest step that is not corrupt; warns about skipped ones."""
         steps = self._existing_steps()

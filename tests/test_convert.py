@@ -17,7 +17,7 @@ import pytest
 
 from flax import nnx
 
-from qcsbm_jax import (checkpoint, evaluate, experiment, models, parallel, score,
+from qcsbm_jax import (checkpoint, data, experiment, models, parallel, restore, score,
                        sde as sde_lib, torch_io, train)
 from qcsbm_jax.convert import ConvertError, import_checkpoint
 from qcsbm_jax.models import layers
@@ -51,7 +51,7 @@ def score_model(variant: str) -> experiment.ScoreModel:
     """experiment.build_score_model's model of the fixture's network with zeros for
     init_params (restores overwrite them all): initialising it costs more than the test."""
     config = config_for(variant)
-    shape = experiment.data_shape(config)
+    shape = data.of(config).shape
     network = nnx.eval_shape(lambda: models.build_model(config, shape, jax.random.key(0)))
     apply_fn, params = models.functional(network)
     sde = sde_lib.get_sde(config.sde)
@@ -62,15 +62,15 @@ def score_model(variant: str) -> experiment.ScoreModel:
 
 def restored_scores(config, workdir: str, variant: str) -> dict[str, np.ndarray]:
     """Scores at the fixture's (x, t) of the raw and the EMA parameters, each read back
-    from workdir by evaluation's restore path (EMA when optim.ema_decay > 0)."""
+    from workdir by evaluation's restore path (eval.params)."""
     model = score_model(variant)
     mesh = parallel.make_mesh(-1, 1)
     inputs = np.load(fixture(f"{variant}_scores.npz"))
     scores = {}
-    for which, decay in (("raw", 0.0), ("ema", 0.999)):
+    for which in ("raw", "ema"):
         with config.unlocked():
-            config.optim.ema_decay = decay
-        params, step = evaluate.restore_params(config, workdir, model, mesh)
+            config.eval.params = which
+        params, step = restore.restore_params(config, workdir, model, mesh)
         assert step == VARIANTS[variant]["step"]
         scores[which] = np.asarray(model.score_fn(params, inputs["x"], inputs["t"], None))
     return scores

@@ -28,7 +28,7 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
-from qcsbm_jax import checkpoint, experiment, models, torch_io
+from qcsbm_jax import checkpoint, data, experiment, models, torch_io
 from qcsbm_jax.convert import architecture, layout
 from qcsbm_jax.convert.layout import ConvertError
 
@@ -70,7 +70,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
 
 def abstract_params(config: ml_collections.ConfigDict) -> dict:
     """Shapes and dtypes (ShapeDtypeStruct) of the parameters of config's network."""
-    shape = experiment.data_shape(config)
+    shape = data.of(config).shape
     network = nnx.eval_shape(lambda: models.build_model(config, shape, jax.random.key(0)))
     return nnx.to_pure_dict(nnx.state(network, nnx.Param))
 
@@ -148,11 +148,11 @@ def _fix(config: ml_collections.ConfigDict, found: Mapping[str, tuple]) -> str:
         settings, channels, attention = architecture.infer_model(found)
     except (ValueError, KeyError, IndexError):
         return ""
-    data_channels = experiment.data_shape(config)[-1]
+    data_channels = data.of(config).shape[-1]
     if channels != data_channels:
         return (f"\nIts network reads {channels}-channel images; data.name="
                 f"{config.data.name!r} has {data_channels}: use a config for such data.")
-    image_size = experiment.data_shape(config)[0]
+    image_size = data.of(config).shape[0]
     settings["attn_resolutions"] = tuple(image_size >> level for level in attention)
     changes = {k: v for k, v in settings.items() if not _same(config.model[k], v)}
     candidate = ml_collections.ConfigDict(config.to_dict())
