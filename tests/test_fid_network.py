@@ -78,10 +78,10 @@ def test_sample_metrics_end_to_end(network, fashion):
 
 def test_command_line_stats_and_score(network, fashion, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(cli, "_network", lambda args: network)  # compiled once per module
-    np.savez(tmp_path / "a.npz", images=fashion[:8])
     np.savez(tmp_path / "b.npz", images=fashion[8:16, ..., 0])  # no channel axis: refused
     stats_path = str(tmp_path / "a_stats.npz")
-    assert cli.main(["stats", str(tmp_path / "a.npz"), stats_path, "--save_features"]) == 0
+    assert cli.main(["stats", "fashion_mnist:test", stats_path, "--num_images=8",
+                     "--save_features"]) == 0
     assert json.loads(capsys.readouterr().out)["features"] == 8
     stats = statistics.load(stats_path, network.weights_hash, "tf1-bilinear-299")
     direct = network.describe(fashion[:8]).stats

@@ -5,10 +5,13 @@
       3, any H and W; a sample file of qcsbm_jax.main has it) written to the stats file
       OUT.npz: mu [2048], sigma [2048, 2048] (the pytorch-fid / TTUR format), num_images,
       weights_hash, resize; with --save_features also `features` [N, 2048] (or the first
-      M), which KID and precision/recall need. For reference statistics use the training
-      split (the paper's protocol).
+      M), which KID and precision/recall need. IMAGES may also name a split of a data set
+      of qcsbm_jax.data.images, DATASET:SPLIT (e.g. cifar10:train, fashion_mnist:test,
+      as the models see them: 32 x 32). Reference statistics come from the training
+      split (the paper's protocol): stats cifar10:train cifar10_train.npz.
   python -m qcsbm_jax.fid score A.npz B.npz
-      Compares A with B, each a stats file or an images file, and prints one JSON line:
+      Compares A with B, each a stats file, an images file or DATASET:SPLIT, and prints
+      one JSON line:
       fid; kid, kid_std, precision, recall (k = 3), density, coverage (k = 5) when both
       sides have features (images files always do; stats files with --save_features);
       inception_score, inception_score_std of A when A is an images file and the weights
@@ -29,6 +32,7 @@ with a warning, but is biased and only comparable at equal image counts (the fie
 
 import argparse
 import json
+import os
 import sys
 
 import numpy as np
@@ -40,6 +44,10 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     def common(sub):
+        sub.add_argument("--num_images", type=int, default=None,
+                         help="use the first N images of each images source")
+        sub.add_argument("--data_dir", default=None,
+                         help="tfds data directory of DATASET:SPLIT sources")
         sub.add_argument("--weights", default=None,
                          help="Inception weights: default_1.pt, pytorch-fid's .pth or a "
                               "converted .npz (default: found in the cache directory)")
@@ -68,16 +76,25 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _images(path: str) -> np.ndarray:
-    with np.load(path, allow_pickle=False) as f:
-        if "images" not in f.files:
-            raise ValueError(f"{path} holds no `images` (keys: {f.files}); an images file "
-                             "holds uint8 images [N, H, W, C] under the key `images`.")
-        return f["images"]
+def _images(source: str, args) -> np.ndarray:
+    """The first --num_images images of an images file or a DATASET:SPLIT."""
+    from qcsbm_jax.data import images
+    name, _, split = source.partition(":")
+    if not os.path.exists(source) and name in images.IMAGE_DATASETS:
+        found = images.load_split(name, split, data_dir=args.data_dir)
+    else:
+        with np.load(source, allow_pickle=False) as f:
+            if "images" not in f.files:
+                raise ValueError(f"{source} holds no `images` (keys: {f.files}); an images "
+                                 "file holds uint8 images [N, H, W, C] under `images`.")
+            found = f["images"]
+    return found[:args.num_images]
 
 
-def _is_stats_file(path: str) -> bool:
-    with np.load(path, allow_pickle=False) as f:
+def _is_stats_file(source: str) -> bool:
+    if not os.path.exists(source):
+        return False
+    with np.load(source, allow_pickle=False) as f:
         return "mu" in f.files
 
 
@@ -90,7 +107,7 @@ def _network(args):
 
 def _stats(args) -> None:
     from qcsbm_jax.fid import statistics
-    images = _images(args.images)
+    images = _images(args.images, args)
     keep = len(images) if args.save_features < 0 else args.save_features
     described = _network(args).describe(images, keep_features=keep, label=args.images)
     statistics.save(args.out, described.stats)
@@ -108,7 +125,7 @@ def _score(args) -> None:
             sides.append(pipeline.Described(statistics.load(path), None))
             continue
         network = network or _network(args)
-        described = network.describe(_images(path), keep_features=args.feature_samples,
+        described = network.describe(_images(path, args), keep_features=args.feature_samples,
                                      label=path)
         described.stats.path = path
         sides.append(described)
