@@ -5,7 +5,9 @@
 
 Rows of the table:
   network   compile time, time per call and images/s of the jitted, sharded feature
-            network (resize of 32 x 32 x 3 uint8 images to 299 + Inception-v3) per batch
+            network (resize of 32 x 32 x 3 uint8 images to 299 + Inception-v3) per batch;
+            cpu_s and images_per_cpu_s count this process's CPU time (on a shared CPU
+            machine the wall time also counts other processes' turns)
   stats     float64 accumulation of mean and covariance, s per 1,000 images
   fid       the FID formula on 2048-dimensional statistics (once per evaluation)
   kid, pr   KID (100 subsets of 1,000), precision/recall + density/coverage, 1,000
@@ -37,19 +39,19 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _timed(fn, repeats: int) -> tuple[float, float]:
-    """(first call s, median of `repeats` further calls s)."""
+def _timed(fn, repeats: int) -> tuple[float, float, float]:
+    """(first call's wall s, median wall s, median CPU s of this process) of the `repeats`
+    calls after the first, or of the first alone when repeats is 0. CPU time is what a
+    loaded machine inflates less."""
     import jax
     import numpy as np
-    start = time.perf_counter()
-    jax.block_until_ready(fn())
-    first = time.perf_counter() - start
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+    runs = []
+    for _ in range(1 + repeats):
+        start, start_cpu = time.perf_counter(), time.process_time()
         jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return first, float(np.median(times))
+        runs.append((time.perf_counter() - start, time.process_time() - start_cpu))
+    timed = np.array(runs[1:] or runs)
+    return runs[0][0], float(np.median(timed[:, 0])), float(np.median(timed[:, 1]))
 
 
 def network_rows(batches: list[int], devices: int, repeats: int) -> list[dict]:
@@ -62,9 +64,10 @@ def network_rows(batches: list[int], devices: int, repeats: int) -> list[dict]:
     for batch in batches:
         network = pipeline.FeatureNetwork(mesh, batch_size=batch)
         pixels = np.random.default_rng(0).integers(0, 256, (batch, 32, 32, 3), np.uint8)
-        first, call = _timed(lambda: network(pixels)["pool_3"], repeats)
+        first, call, cpu = _timed(lambda: network(pixels)["pool_3"], repeats)
         rows.append(dict(row="network", devices=devices, batch=batch, compile_s=first - call,
-                         call_s=call, images_per_s=batch / call))
+                         call_s=call, cpu_s=cpu, images_per_s=batch / call,
+                         images_per_cpu_s=batch / cpu))
         print(f"  network batch {batch}: {batch / call:.3g} images/s", flush=True)
     return rows
 
@@ -76,25 +79,23 @@ def score_rows(repeats: int) -> list[dict]:
     rng = np.random.default_rng(0)
     real = rng.gamma(1.0, 0.3, (1000, 2048)).astype(np.float32)  # pool_3-like: >= 0
     fake = rng.gamma(1.0, 0.35, (1000, 2048)).astype(np.float32)
-    sums = statistics.FeatureStats.empty()
-    start = time.perf_counter()
-    sums.add(real)
-    rows = [dict(row="stats", s_per_1000=time.perf_counter() - start)]
-    other = statistics.FeatureStats.empty()
+    sums, other = statistics.FeatureStats.empty(), statistics.FeatureStats.empty()
     other.add(fake)
+    _, wall, cpu = _timed(lambda: sums.add(real), repeats)
+    rows = [dict(row="stats", run_s=wall, cpu_s=cpu, s_per_1000=wall)]
     sigma_a = sums.sigma + 1e-3 * np.eye(2048)  # full rank, as 50,000 images give
     sigma_b = other.sigma + 1e-3 * np.eye(2048)
-    start = time.perf_counter()
-    scores.fid(sums.mu, sigma_a, other.mu, sigma_b)
-    rows.append(dict(row="fid", run_s=time.perf_counter() - start))
-    rows.append(dict(row="kid", run_s=_timed(lambda: scores.kid(real, fake), 0)[0]))
+    first, wall, cpu = _timed(lambda: scores.fid(sums.mu, sigma_a, other.mu, sigma_b), 0)
+    rows.append(dict(row="fid", run_s=wall, cpu_s=cpu))
+    first, wall, cpu = _timed(lambda: scores.kid(real, fake), 0)
+    rows.append(dict(row="kid", compile_s=first - wall, run_s=wall, cpu_s=cpu))
 
     def pr_dc():
         return (*metrics.precision_recall(real, fake, k=3),
                 *metrics.density_coverage(real, fake, k=5))
 
-    first, run = _timed(pr_dc, repeats)
-    rows.append(dict(row="pr", compile_s=first - run, run_s=run))
+    first, wall, cpu = _timed(pr_dc, repeats)
+    rows.append(dict(row="pr", compile_s=first - wall, run_s=wall, cpu_s=cpu))
     for row in rows:
         print(f"  {row['row']}: {row}", flush=True)
     return rows
@@ -107,8 +108,8 @@ def _cell(value) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    columns = ["row", "devices", "batch", "compile_s", "call_s", "images_per_s", "run_s",
-               "s_per_1000"]
+    columns = ["row", "devices", "batch", "compile_s", "call_s", "run_s", "cpu_s",
+               "images_per_s", "images_per_cpu_s", "s_per_1000"]
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(_cell(r.get(c)) for c in columns) + " |" for r in rows]
     return "\n".join(lines)

@@ -96,3 +96,17 @@ def test_command_line_stats_and_score(network, fashion, tmp_path, monkeypatch, c
     values = json.loads(capsys.readouterr().out)
     assert abs(values["fid"]) < 1e-3 and values["recall"] == 1.0
     assert values["inception_score"] >= 1.0 and values["num_images_a"] == 8
+
+
+def test_benchmark_script_runs(network, tmp_path, monkeypatch, capsys):
+    """benchmarks/inception.py keeps working: its network rows and JSON, on 8 devices."""
+    from benchmarks import inception
+    monkeypatch.setattr(pipeline, "FeatureNetwork",
+                        lambda mesh, batch_size: network)  # compiled once per module
+    out = tmp_path / "bench.json"
+    result = inception.main(["--batch", "8", "--devices", "8", "--repeats", "1",
+                             "--skip_scores", "--json", str(out)])
+    (row,) = result["rows"]
+    assert row["row"] == "network" and row["batch"] == 8 and row["images_per_s"] > 0
+    assert json.loads(out.read_text())["fid_s_per_1000"] == result["fid_s_per_1000"] > 0
+    assert "| network | 8 | 8 |" in capsys.readouterr().out
