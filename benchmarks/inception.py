@@ -4,12 +4,15 @@
   python -m benchmarks.inception --batch 256,1024 --devices 1 --json out.json
 
 Rows of the table:
-  network   compile time, time per call and images/s of the jitted, sharded feature
-            network (resize of 32 x 32 x 3 uint8 images to 299 + Inception-v3) per batch;
-            cpu_s and images_per_cpu_s count this process's CPU time (on a shared CPU
-            machine the wall time also counts other processes' turns)
+  network   first call (compilation included), time per call and images/s of the
+            jitted, sharded feature network (resize of 32 x 32 x 3 uint8 images to 299,
+            then Inception-v3) per batch; cpu_s and images_per_cpu_s count this process's
+            CPU time (on a shared machine the wall time also counts other processes' turns)
   stats     float64 accumulation of mean and covariance, s per 1,000 images
-  fid       the FID formula on 2048-dimensional statistics (once per evaluation)
+  fid_numpy, fid_xla
+            the FID formula on 2048-dimensional statistics (once per evaluation) in
+            float64 through NumPy and through XLA on the default device (compilation
+            included); scores.fid takes XLA, or NumPy under a TPU
   kid, pr   KID (100 subsets of 1,000), precision/recall + density/coverage, 1,000
             features a side (once per evaluation)
 and `fid_s_per_1000`: seconds of feature extraction and statistics per 1,000 samples at
@@ -65,7 +68,7 @@ def network_rows(batches: list[int], devices: int, repeats: int) -> list[dict]:
         network = pipeline.FeatureNetwork(mesh, batch_size=batch)
         pixels = np.random.default_rng(0).integers(0, 256, (batch, 32, 32, 3), np.uint8)
         first, call, cpu = _timed(lambda: network(pixels)["pool_3"], repeats)
-        rows.append(dict(row="network", devices=devices, batch=batch, compile_s=first - call,
+        rows.append(dict(row="network", devices=devices, batch=batch, first_s=first,
                          call_s=call, cpu_s=cpu, images_per_s=batch / call,
                          images_per_cpu_s=batch / cpu))
         print(f"  network batch {batch}: {batch / call:.3g} images/s", flush=True)
@@ -85,17 +88,19 @@ def score_rows(repeats: int) -> list[dict]:
     rows = [dict(row="stats", run_s=wall, cpu_s=cpu, s_per_1000=wall)]
     sigma_a = sums.sigma + 1e-3 * np.eye(2048)  # full rank, as 50,000 images give
     sigma_b = other.sigma + 1e-3 * np.eye(2048)
-    first, wall, cpu = _timed(lambda: scores.fid(sums.mu, sigma_a, other.mu, sigma_b), 0)
-    rows.append(dict(row="fid", run_s=wall, cpu_s=cpu))
+    for row, on_device in (("fid_numpy", False), ("fid_xla", True)):
+        first, wall, cpu = _timed(lambda: scores.fid(sums.mu, sigma_a, other.mu, sigma_b,
+                                                     on_device=on_device), 0)
+        rows.append(dict(row=row, run_s=wall, cpu_s=cpu))
     first, wall, cpu = _timed(lambda: scores.kid(real, fake), 0)
-    rows.append(dict(row="kid", compile_s=first - wall, run_s=wall, cpu_s=cpu))
+    rows.append(dict(row="kid", run_s=wall, cpu_s=cpu))
 
     def pr_dc():
         return (*metrics.precision_recall(real, fake, k=3),
                 *metrics.density_coverage(real, fake, k=5))
 
     first, wall, cpu = _timed(pr_dc, repeats)
-    rows.append(dict(row="pr", compile_s=first - wall, run_s=wall, cpu_s=cpu))
+    rows.append(dict(row="pr", first_s=first, run_s=wall, cpu_s=cpu))
     for row in rows:
         print(f"  {row['row']}: {row}", flush=True)
     return rows
@@ -108,7 +113,7 @@ def _cell(value) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    columns = ["row", "devices", "batch", "compile_s", "call_s", "run_s", "cpu_s",
+    columns = ["row", "devices", "batch", "first_s", "call_s", "run_s", "cpu_s",
                "images_per_s", "images_per_cpu_s", "s_per_1000"]
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(_cell(r.get(c)) for c in columns) + " |" for r in rows]

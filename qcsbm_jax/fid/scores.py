@@ -8,11 +8,11 @@
   density, coverage   the same balls counted (Naeem et al., 2020): qcsbm_jax.metrics
 
 FID needs float64: tr sqrt(S1 S2) sums square roots of eigenvalues that float32 resolves
-only to about 1e-7 of the largest, and on 2048-dimensional Inception statistics that was
-measured to shift FID 2.01 to 2.32. So the matrix square root (a symmetric
-eigendecomposition S1 = V L V^T, then the eigenvalues of the symmetric sqrt(L) V^T S2 V sqrt(L))
-runs in float64 on the GPU when there is one (XLA's solver), else in NumPy on the host
-(TPUs have no float64, and LAPACK through NumPy was 4x faster than XLA's CPU eigh).
+only to about 1e-7 of the largest, and on 2048-dimensional covariances that was
+measured to shift FID 2.01 to 2.35 (docs/fid.md). So the matrix square root (a symmetric
+eigendecomposition S1 = V L V^T, then the eigenvalues of the symmetric sqrt(L) V^T S2 V
+sqrt(L)) runs in float64 through XLA on the default device (CPU or GPU), and in NumPy on
+the host under a TPU, which has no float64.
 """
 
 import functools
@@ -47,14 +47,14 @@ def fid(mu1, sigma1, mu2, sigma2, *, on_device: bool | None = None) -> float:
     """||mu1 - mu2||^2 + tr(sigma1 + sigma2 - 2 sqrt(sigma1 sigma2)), in float64.
 
     mu [D], sigma [D, D] symmetric PSD. on_device: run the square root through XLA in
-    float64 on the default device (None: when it is a GPU), else NumPy on the host.
+    float64 on the default device (None: unless it is a TPU), else NumPy on the host.
     """
     mu1, mu2, sigma1, sigma2 = (np.asarray(a, np.float64) for a in (mu1, mu2, sigma1, sigma2))
     if mu1.shape != mu2.shape or not sigma1.shape == sigma2.shape == mu1.shape * 2:
         raise ValueError(f"FID compares statistics of equal dimension; got mu {mu1.shape} "
                          f"and {mu2.shape}, sigma {sigma1.shape} and {sigma2.shape}.")
     if on_device is None:
-        on_device = jax.default_backend() == "gpu"
+        on_device = jax.default_backend() != "tpu"
     if on_device:
         with jax.enable_x64(True):
             trace_sqrt = float(_trace_sqrt_product_jax(jnp.asarray(sigma1), jnp.asarray(sigma2)))
