@@ -40,6 +40,12 @@ def fashion():
         pytest.skip(str(e))
 
 
+@pytest.fixture(scope="module")
+def reference(network, fashion):
+    """Statistics and features of the first 8 Fashion-MNIST test images."""
+    return pipeline.reference_statistics(fashion[:8], network, keep_features=8)
+
+
 def test_features_match_the_reference_torchscript_module(network):
     """6 fixed images (noise, patterns, flat, Fashion-MNIST), enlarged to 299 x 299 (where
     the resize is the identity), 8 devices: pool_3 within 1e-4 of its maximum."""
@@ -55,10 +61,9 @@ def test_features_match_the_reference_torchscript_module(network):
         + softmax_layer["bias"], rtol=1e-5, atol=1e-5)
 
 
-def test_sample_metrics_end_to_end(network, fashion):
+def test_sample_metrics_end_to_end(network, fashion, reference):
     """Samples equal to the reference images (as floats in [0, 1]): FID 0, precision,
     recall and coverage 1. Statistics of other weights: refused."""
-    reference = pipeline.reference_statistics(fashion[:8], network, keep_features=8)
     assert reference.num_images == 8 and reference.features.shape == (8, 2048)
     assert reference.weights_hash == network.weights_hash
     kid = dict(kid_subsets=3, kid_subset_size=8)
@@ -71,12 +76,13 @@ def test_sample_metrics_end_to_end(network, fashion):
     assert protocol == {"num_images": 8, "reference_images": 8, "feature_samples": 8,
                         "weights_hash": network.weights_hash, "weights_source": "fid_helper",
                         "resize": "tf1-bilinear-299", "stats_file": None}
-    reference.weights_hash = "0" * 64
+    other_weights = statistics.Stats(reference.mu, reference.sigma, 8, "0" * 64)
     with pytest.raises(ValueError, match="differ in weights_hash"):
-        pipeline.sample_metrics(fashion[8:16], reference, network)
+        pipeline.sample_metrics(fashion[8:16], other_weights, network)
 
 
-def test_command_line_stats_and_score(network, fashion, tmp_path, monkeypatch, capsys):
+def test_command_line_stats_and_score(network, fashion, reference, tmp_path, monkeypatch,
+                                     capsys):
     monkeypatch.setattr(cli, "_network", lambda args: network)  # compiled once per module
     np.savez(tmp_path / "b.npz", images=fashion[8:16, ..., 0])  # no channel axis: refused
     stats_path = str(tmp_path / "a_stats.npz")
@@ -84,9 +90,8 @@ def test_command_line_stats_and_score(network, fashion, tmp_path, monkeypatch, c
                      "--save_features"]) == 0
     assert json.loads(capsys.readouterr().out)["features"] == 8
     stats = statistics.load(stats_path, network.weights_hash, "tf1-bilinear-299")
-    direct = network.describe(fashion[:8]).stats
-    np.testing.assert_allclose(stats.sigma, direct.sigma, rtol=1e-12, atol=1e-15)
-    np.testing.assert_array_equal(stats.features, direct.features)
+    np.testing.assert_allclose(stats.sigma, reference.sigma, rtol=1e-12, atol=1e-15)
+    np.testing.assert_array_equal(stats.features, reference.features)
     assert cli.main(["score", str(tmp_path / "b.npz"), stats_path]) == 2
     assert "[N, H, W, C]" in capsys.readouterr().err
     np.savez(tmp_path / "b.npz", images=fashion[:8])

