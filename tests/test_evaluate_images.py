@@ -27,6 +27,7 @@ from scipy import stats
 from qcsbm_jax import checkpoint, data, experiment, parallel, streams, train
 from qcsbm_jax.data import images
 from qcsbm_jax.evaluation import programs, runner
+from qcsbm_jax.fid import weights as fid_weights
 from qcsbm_jax.sde import VESDE
 
 SHAPE = (4, 4, 1)
@@ -104,7 +105,7 @@ def _config(**eval_overrides) -> ml_collections.ConfigDict:
     c.training = dict(num_steps=3)
     c.eval = dict(batch_size=8, num_levels=2, eps=EPS, rtol=1e-4, atol=1e-4,
                   divergence="hutchinson", num_test=0, num_samples=4, seed=1, watch=False,
-                  watch_timeout=120, params="raw", output_dir="eval")
+                  watch_timeout=120, params="raw", output_dir="eval", fid_samples=0)
     c.sampling = dict(method="ode", num_steps=4, snr=0.16, denoise=True,
                       predictor="reverse_diffusion", corrector="langevin", corrector_steps=1,
                       rtol=1e-3, atol=1e-3, eps=1e-3, batch_size=8, num_samples=8)
@@ -350,3 +351,30 @@ def test_unknown_data_set_is_one_clear_error(tiny_image_data):
     config.data.name = "cifar11"
     with pytest.raises(ValueError, match="cifar11.*tiny_images"):
         data.of(config)
+
+
+@pytest.mark.skipif(not fid_weights.available(), reason="no Inception weights (docs/fid.md)")
+def test_image_evaluation_scores_samples_of_each_sampler(tiny_image_data, tmp_path):
+    """eval.fid_samples > 0: FID and its companions per eval.fid_methods method against a
+    stats file, with the protocol in metrics.json."""
+    from qcsbm_jax import fid
+
+    network = fid.FeatureNetwork(_mesh(8))
+    stats_path = str(tmp_path / "reference.npz")
+    fid.save_stats(stats_path, fid.reference_statistics(tiny_image_data, network))
+    config = _config(num_test=4, num_levels=1, fid_samples=24, fid_methods=("pc", "ode"),
+                     fid_stats=stats_path, fid_reference_images=0)
+    config.sampling.update(num_steps=3)
+    _save_checkpoint(config, str(tmp_path), 1, 1.0)
+    with pytest.warns(UserWarning):  # 24 samples: a singular covariance, still computed
+        results = runner.evaluate(config, str(tmp_path))
+    for method, nfe in (("pc", 3 * 2 + 1), ("ode", None)):
+        assert np.isfinite(results[f"fid_{method}"]) and results[f"fid_{method}"] >= 0
+        for name in ("kid", "precision", "recall", "density", "coverage"):
+            assert np.isfinite(results[f"{name}_{method}"]), (name, method)
+        assert results[f"nfe_{method}"] == nfe if nfe else results[f"nfe_{method}"] > 0
+    written = _read(os.path.join(tmp_path, "eval", "metrics.json"))
+    protocol = written["protocol"]
+    assert protocol["num_samples"] == 24 and protocol["params"] == "raw"
+    assert protocol["stats_file"] == stats_path and protocol["weights_hash"]
+    assert protocol["samplers"]["pc"]["num_steps"] == 3 and "rtol" in protocol["samplers"]["ode"]

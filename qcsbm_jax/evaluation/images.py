@@ -9,6 +9,9 @@ first eval.num_test images; 0 = all):
                    per level the test-set mean of Asym and mean Asym / (2 mean ||J||_F^2)
                    (a ratio of unbiased means), then the mean over levels
   nfe              mean NFE of the eval.num_samples samples (config.sampling.method)
+  fid_<method>, ...  with eval.fid_samples > 0: FID, KID, precision/recall, density/
+                   coverage (and Inception Score) of samples per eval.fid_methods
+                   method, and the protocol they were computed with (sample_quality.py)
 Per-level values asym/level_i, nasym/level_i.
 """
 
@@ -20,7 +23,7 @@ from absl import logging
 
 from qcsbm_jax import data, likelihood
 from qcsbm_jax.data import images
-from qcsbm_jax.evaluation import programs
+from qcsbm_jax.evaluation import programs, sample_quality
 from qcsbm_jax.evaluation.outputs import Evaluation
 from qcsbm_jax.sampling import registry
 
@@ -53,6 +56,8 @@ def make_image_evaluator(config, model, mesh) -> Callable[[Any], Evaluation]:
                                   dequantize=True, centered=centered)
     asymmetry_fn = programs.make_hutchinson_asymmetry_fn(model, mesh, batch_size=ev.batch_size)
     sample_fn = registry.make_config_sampler(config, model, mesh)
+    quality_fn = (sample_quality.make_sample_quality_fn(config, model, mesh)
+                  if ev.fid_samples else None)
 
     def evaluate_params(params) -> Evaluation:
         nll, nll_nfe = nll_fn(params, programs.eval_key(ev.seed, programs.NLL_STREAM),
@@ -74,6 +79,10 @@ def make_image_evaluator(config, model, mesh) -> Callable[[Any], Evaluation]:
             samples, nfe = sample_fn(params, programs.eval_key(ev.seed, programs.SAMPLES_STREAM),
                                      ev.num_samples)
             results["nfe"] = float(np.mean(nfe))
-        return Evaluation(results, times / model.sde.T, samples, None)
+        protocol = {}
+        if quality_fn is not None:
+            quality, protocol = quality_fn(params)
+            results.update(quality)
+        return Evaluation(results, times / model.sde.T, samples, None, protocol)
 
     return evaluate_params

@@ -3,7 +3,8 @@
 DIR/<eval.output_dir> (default DIR/eval) for an evaluated step S: asymmetry_S.png (per-level curves against t / T, log
 scale), samples_S.png (toy: scatter beside test points; images: a grid of the first
 GRID_IMAGES), samples_S.npz, each also copied to its name without _S (the latest); then
-metrics_S.json, which marks S as done, and metrics.json.
+metrics_S.json, which marks S as done, and metrics.json (with a 'protocol' entry when
+sample metrics were computed).
 DIR/samples: <method>.npz and <method>.png per sampler (write_samples).
 """
 
@@ -27,6 +28,7 @@ class Evaluation(NamedTuple):
     level_times: np.ndarray  # [L] t / T of the per-level metrics
     samples: np.ndarray  # [M, *data_shape], M >= 0
     reference: np.ndarray | None  # toy test points drawn beside the samples
+    protocol: dict = {}  # how sample metrics were computed (sample_quality.py)
 
 
 def value_range(config) -> tuple[float, float]:
@@ -88,6 +90,7 @@ def write_evaluation(config, workdir: str, step: int, evaluation: Evaluation) ->
     for name in names:
         epath.Path(out, name).copy(epath.Path(out, name.replace(f"_{step}.", ".")),
                                    overwrite=True)
-    write_json(os.path.join(out, f"metrics_{step}.json"), results)
-    write_json(os.path.join(out, "metrics.json"), results)
+    written = dict(results, protocol=evaluation.protocol) if evaluation.protocol else results
+    write_json(os.path.join(out, f"metrics_{step}.json"), written)
+    write_json(os.path.join(out, "metrics.json"), written)
     return results
