@@ -135,7 +135,7 @@ def image_config(dataset: str, family: str, variant: str | None = None,
     c.training = dict(batch_size=128, num_steps=100_000 if fine_tune else 1_300_000,
                       log_every=100, checkpoint_every=10_000, keep_checkpoints=3,
                       init_from=f"runs/{dataset}_usbm_{model}" if fine_tune else "",
-                      grad_accum_steps=1)
+                      grad_accum_steps=1)  # k: the same update from k micro-batches
     sampling_eps = 1e-5 if c.sde.name == "ve" else 1e-3
     c.sampling = dict(method="pc", num_samples=50_000, rtol=1e-5, atol=1e-5, eps=sampling_eps,
                       predictor="reverse_diffusion", corrector="langevin", snr=0.16,
