@@ -15,6 +15,7 @@ def get_config(variant=None):
     c.sigma = 0.1  # target N(0, sigma^2 I)
     c.mixture = dict(num_modes=10, radius=3.0)  # mu: unit-variance modes on a circle
     c.floor = 1e-8  # delta under the denominator of c(x)^2; 0.0 = the exact formula
+    c.eps_offset = 1e-6  # added to every eps > 0 inside c(x)^2, as the authors' code; 0.0: none
     c.epsilons = (0.0, 5e-4, 7.5e-4, 1e-3, 1.5e-3, 1.75e-3, 2.25e-3)
     c.sampling = dict(num_steps=300, num_particles=10, init_mean=-2.0, init_std=0.5,
                       step_size=0.0125, step_size_exact=0.01, decay=1000.0)

@@ -168,6 +168,13 @@ def normalized_asymmetry(jacobian: jax.Array) -> jax.Array:
     return 0.5 * asymmetry(jacobian) / frobenius
 
 
+def draw_probes(key: jax.Array, x: jax.Array, num_probes: int = 1,
+                kind: str = "rademacher") -> jax.Array:
+    """K = num_probes probes per sample of x [B, *S]: [B, K, *S] (asymmetry_penalty's)."""
+    flat = sample_probes(key, (x.shape[0] * num_probes, *x.shape[1:]), kind, x.dtype)
+    return flat.reshape(x.shape[0], num_probes, *x.shape[1:])
+
+
 def asymmetry_penalty(field: Callable[[jax.Array, jax.Array], jax.Array], x: jax.Array,
                       t: jax.Array, key: jax.Array, *, estimator: str = "nonneg",
                       probe: str = "rademacher", num_probes: int = 1,
@@ -177,21 +184,40 @@ def asymmetry_penalty(field: Callable[[jax.Array, jax.Array], jax.Array], x: jax
     Args:
       field: batched field(x [B, *S], t [B]) -> [B, *S].
       x, t: [B, *S] points and [B] times.
-      key: probe key (unused by 'exact').
-      num_probes: K; each sample is copied K times with one probe per copy, as in the
-        paper, and the K estimates are averaged.
+      key: probe key (unused by 'exact'); the probes are draw_probes(key, x, num_probes,
+        probe), K = num_probes per sample (penalty_with_probes).
       method: how J v and J^T v are computed (jacobian_products).
       gradient: 'estimate' or 'jvp' (module docstring; Hutchinson estimators only).
     Returns:
       (field(x, t) [B, *S], penalty [B]).
     """
     check_gradient(estimator, gradient)
+    probes = None if estimator == "exact" else draw_probes(key, x, num_probes, probe)
+    return penalty_with_probes(field, x, t, probes, estimator=estimator, method=method,
+                               gradient=gradient)
+
+
+def penalty_with_probes(field: Callable[[jax.Array, jax.Array], jax.Array], x: jax.Array,
+                        t: jax.Array, probes: jax.Array | None, *,
+                        estimator: str = "nonneg", method: str = "linearize",
+                        gradient: str = "estimate"):
+    """asymmetry_penalty with the probes given: probes [B, K, *S] (None for 'exact').
+
+    Each sample is copied K times with one probe per copy, as in the paper, and the K
+    estimates are averaged. Returns (field(x, t) [B, *S], penalty [B]).
+    """
+    check_gradient(estimator, gradient)
     if estimator == "exact":
         out, jacobian = value_and_jacobian(lambda y: field(y, t), x)
         return out, asymmetry(jacobian)
+    if probes is None or probes.shape[:1] + probes.shape[2:] != x.shape:
+        raise ValueError(f"The {estimator!r} estimator needs probes of shape [B, K, *S] for "
+                         f"x of shape {x.shape}, got "
+                         f"{None if probes is None else probes.shape}.")
+    num_probes = probes.shape[1]
     copies_x = jnp.repeat(x, num_probes, axis=0)
     copies_t = jnp.repeat(t, num_probes, axis=0)
-    v = sample_probes(key, copies_x.shape, probe, x.dtype)
+    v = probes.reshape(copies_x.shape)
     out, estimate = hutchinson_asymmetry(lambda y: field(y, copies_t), copies_x, v, estimator,
                                          method, gradient)
     return out[::num_probes], estimate.reshape(x.shape[0], num_probes).mean(axis=1)

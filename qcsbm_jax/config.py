@@ -37,10 +37,22 @@ IMAGE_MODELS = {
 }
 
 
+# The authors' 2D code (docs/method.md, "Differences from the authors' code"): CSBM's
+# energy ||x - act(f)||^2 / (2 sigma) with this act on the head, per data set.
+TOY_CSBM_HEAD = {"gaussians8": "leaky_relu", "checkerboard": "elu", "spirals2": "elu"}
+
+# Image QC fine-tune variants (docs/method.md, experiment 3): the authors' settings for the
+# paper's tables, from a trained U-NCSN++ (training.init_from).
+PAPER_FINE_TUNES = {
+    "table2": dict(num_probes=16, batch_size=8),     # lambda 1e-4, K = 16, batch 8
+    "tables3_4": dict(num_probes=1, batch_size=128),  # lambda 1e-4, K = 1, batch 128
+}
+
+
 def _loss_defaults(qc_weight: float, estimator: str) -> dict:
     """loss.*: exactly the keyword arguments of losses.make_loss_fn (documented there);
     train passes them through."""
-    return dict(weighting="sigma2", qc_weight=qc_weight, estimator=estimator,
+    return dict(weighting="sigma2", dsm_scale=0.5, qc_weight=qc_weight, estimator=estimator,
                 probe="rademacher", num_probes=1, qc_fraction=1.0, qc_every=1,
                 jacobian_method="linearize", remat="none", qc_gradient="estimate", eps=1e-5)
 
@@ -55,6 +67,10 @@ def toy_config(dataset: str, family: str, variant: str | None = None) -> ml_coll
     """The paper's 2D setting (docs/method.md, experiment 2) for one data set and model family.
 
     variant: None for the paper's settings, 'smoke' for a seconds-long CPU run.
+    The defaults train the authors' 2D program: PyTorch's initialisation (model.init),
+    their head activation for CSBM (model.head_activation), the loss without the 1/2
+    (loss.dsm_scale = 1) and t ~ U(0, 1) (loss.eps = 0); model.init='flax',
+    head_activation='none' and dsm_scale=0.5 give the Flax-style program.
     """
     if dataset not in TOY_DATASETS:
         raise ValueError(f"Unknown toy data set {dataset!r}; valid: {TOY_DATASETS}.")
@@ -67,13 +83,14 @@ def toy_config(dataset: str, family: str, variant: str | None = None) -> ml_coll
     c.data = dict(name=dataset, num_points=50_000, seed=0)
     c.sde = dict(name="ve", sigma_min=0.1, sigma_max=3.0, beta_min=0.1, beta_max=20.0)
     c.model = dict(name="toy_mlp", family=model_family, output="residual",
-                   widths=(64, 128, 256), noise_widths=(1, 1, 1))
-    c.loss = _loss_defaults(qc_weight, estimator)
+                   widths=(64, 128, 256), noise_widths=(1, 1, 1), init="pytorch",
+                   head_activation=TOY_CSBM_HEAD[dataset] if family == "csbm" else "none")
+    c.loss = dict(_loss_defaults(qc_weight, estimator), dsm_scale=1.0, eps=0.0)
     c.optim = dict(learning_rate=7.5e-4, warmup_steps=0, grad_clip=1.0, b1=0.9, b2=0.999,
                    adam_eps=1e-8, ema_decay=0.0, ema_warmup=False)
     c.training = dict(batch_size=5000, num_steps=4000 if dataset == "checkerboard" else 2000,
                       log_every=100, checkpoint_every=500, keep_checkpoints=3,
-                      init_from="")
+                      init_from="", grad_accum_steps=1)
     # corrector 'none': the Langevin corrector's step-size rule needs high dimension and
     # scatters 2D samples far outside the data (sampling.pc._langevin).
     c.sampling = dict(method="ode", num_samples=5000, rtol=1e-3, atol=1e-5, eps=1e-5,
@@ -107,7 +124,8 @@ def image_config(dataset: str, family: str, variant: str | None = None,
     variant: None for the paper's settings; 'small' for a small network (nf 16, 3000 steps
     at batch 32: about 40 minutes on a 2-core CPU; the QC fine-tune, 300 steps, starts from
     runs/<dataset>_usbm_<model>_small); 'smoke' for a tiny network and a few steps (the QC
-    fine-tune starts from runs/<dataset>_usbm_<model>_smoke).
+    fine-tune starts from runs/<dataset>_usbm_<model>_smoke); for QCSBM, 'table2' and
+    'tables3_4', the authors' fine-tunes behind the paper's tables (PAPER_FINE_TUNES).
     """
     if dataset not in IMAGE_DATASETS:
         raise ValueError(f"Unknown image data set {dataset!r}; valid: {IMAGE_DATASETS}.")
@@ -135,7 +153,8 @@ def image_config(dataset: str, family: str, variant: str | None = None,
                    adam_eps=1e-8, ema_decay=0.999, ema_warmup=not fine_tune)
     c.training = dict(batch_size=128, num_steps=100_000 if fine_tune else 1_300_000,
                       log_every=100, checkpoint_every=10_000, keep_checkpoints=3,
-                      init_from=f"runs/{dataset}_usbm_{model}" if fine_tune else "")
+                      init_from=f"runs/{dataset}_usbm_{model}" if fine_tune else "",
+                      grad_accum_steps=1)  # k: the same update from k micro-batches
     sampling_eps = 1e-5 if c.sde.name == "ve" else 1e-3
     c.sampling = dict(method="pc", num_samples=50_000, rtol=1e-5, atol=1e-5, eps=sampling_eps,
                       predictor="reverse_diffusion", corrector="langevin", snr=0.16,
@@ -172,8 +191,16 @@ def image_config(dataset: str, family: str, variant: str | None = None,
         c.sampling.update(num_samples=8, batch_size=8, num_steps=4, rtol=1e-2, atol=1e-2)
         c.eval.update(num_test=8, batch_size=8, num_levels=3, rtol=1e-2, atol=1e-2,
                       num_samples=8, fid_samples=0)
+    elif variant in PAPER_FINE_TUNES:
+        if not fine_tune:
+            raise ValueError(f"Variant {variant!r} is the QC fine-tune of the paper's tables; "
+                             f"use configs/{dataset}_qcsbm_{model}.py:{variant}.")
+        settings = PAPER_FINE_TUNES[variant]
+        c.loss.num_probes = settings["num_probes"]
+        c.training.batch_size = settings["batch_size"]
     elif variant is not None:
-        raise ValueError(f"Unknown config variant {variant!r}; valid: 'small', 'smoke' or none.")
+        raise ValueError(f"Unknown config variant {variant!r}; valid: 'small', 'smoke', "
+                         f"{', '.join(repr(v) for v in PAPER_FINE_TUNES)} or none.")
     c.lock()
     return c
 
@@ -195,6 +222,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
         ("eval.divergence", config.eval.divergence,
          likelihood.DIVERGENCES if data.of(config).kind == data.TOY else ("hutchinson",)),
     ]
+    if config.model.name == "toy_mlp":
+        checks += [("model.init", config.model.init, models.toy.INITS),
+                   ("model.head_activation", config.model.head_activation,
+                    tuple(models.toy.HEAD_ACTIVATIONS))]
     for key, value, valid in checks:
         if value not in valid:
             raise ValueError(f"--config.{key}={value!r} is not valid; choose one of {valid}.")

@@ -34,9 +34,13 @@ def build_score_model(config: ml_collections.ConfigDict) -> ScoreModel:
 
 
 def model_signature(config: ml_collections.ConfigDict, params: Any) -> dict:
-    """What a checkpoint must match to be restored into this model."""
+    """What a checkpoint must match to be restored into this model. A head activation
+    (toy model) changes the function without changing a shape, so it is part of it; absent
+    when 'none', as in checkpoints written before the key existed."""
     shapes = {jax.tree_util.keystr(path): list(np.shape(leaf))
               for path, leaf in jax.tree_util.tree_leaves_with_path(params)}
-    return {"model": config.model.name, "family": config.model.family,
-            "output": config.model.output, "data": config.data.name,
-            "param_shapes": shapes}
+    signature = {"model": config.model.name, "family": config.model.family,
+                 "output": config.model.output, "data": config.data.name,
+                 "param_shapes": shapes}
+    head = config.model.get("head_activation", "none")
+    return signature if head == "none" else {**signature, "head_activation": head}

@@ -2,12 +2,17 @@
 
 For x0 ~ data, t ~ U(eps, 1), z ~ N(0, I), x_t = mean(x0, t) + std(t) z:
 
-  L_DSM = E[ 1/2 lambda(t) ||s(x_t, t) + z / std(t)||^2 ]
-          lambda = std^2 ('sigma2', Song et al. 2021) or g(t)^2 ('likelihood')
+  L_DSM = E[ c lambda(t) ||s(x_t, t) + z / std(t)||^2 ]
+          lambda = std^2 ('sigma2', Song et al. 2021) or g(t)^2 ('likelihood');
+          c = dsm_scale: 1/2 (Song et al., the authors' image code) or 1 (their 2D code)
   L     = L_DSM + qc_weight * E[ std(t)^2 * Asym_estimate(x_t, t) ]
 
 The penalty is evaluated at the same x_t and t as the DSM term, and the score value of its
-primal pass is the one the DSM term uses (one network evaluation serves both).
+primal pass is the one the DSM term uses (one network evaluation serves both). All the
+randomness of one evaluation (t, z, the probes, the dropout key) is a `Noise`, drawn from
+one key by `Loss.draw` or supplied by the caller (`Loss.evaluate`), row b of each array
+belonging to sample b: train's gradient accumulation slices one batch's draws into
+micro-batches, and tests feed the draws of a reference implementation.
 
 A train step with the penalty on every sample costs about 3x a DSM step (the penalty needs
 J v and J^T v, and their gradient; docs/benchmarks.md). Three unbiased ways to pay less:
@@ -30,8 +35,10 @@ convolution outputs ('dots') or nothing ('full') for the backward pass: less mem
 compute.
 """
 
+import dataclasses
 import math
 from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -46,11 +53,36 @@ REMAT_POLICIES = {"none": None, "dots": jax.checkpoint_policies.dots_saveable,
                   "full": jax.checkpoint_policies.nothing_saveable}
 
 
-def dsm_per_sample(score: jax.Array, z: jax.Array, std: jax.Array,
-                   weight: jax.Array) -> jax.Array:
-    """1/2 weight ||score + z/std||^2 per sample; score, z: [B, *S]; std, weight: [B]."""
+def dsm_per_sample(score: jax.Array, z: jax.Array, std: jax.Array, weight: jax.Array,
+                   scale: float = 0.5) -> jax.Array:
+    """scale weight ||score + z/std||^2 per sample; score, z: [B, *S]; std, weight: [B]."""
     residual = score + z / bcast(std, z)
-    return 0.5 * weight * jnp.sum(jnp.square(residual), axis=tuple(range(1, z.ndim)))
+    return scale * weight * jnp.sum(jnp.square(residual), axis=tuple(range(1, z.ndim)))
+
+
+class Noise(NamedTuple):
+    """The random draws of one loss evaluation on a batch of B samples.
+
+    t: [B] times in [eps, 1); z: [B, *S] standard normal; probes: [B, K, *S] Hutchinson
+    probes (K = num_probes), None when the loss has no Hutchinson penalty; dropout_key:
+    the key of the network's dropout masks (one for the batch).
+    """
+    t: jax.Array
+    z: jax.Array
+    probes: jax.Array | None
+    dropout_key: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class Loss:
+    """`loss(params, x0, key, step=None) -> (loss, metrics)` for a batch x0 [B, *S], in two
+    parts: draw(key, x0) -> Noise, and evaluate(params, x0, noise, step=None), a pure
+    function of its arguments (make_loss_fn documents step and the metrics)."""
+    draw: Callable[[jax.Array, jax.Array], Noise]
+    evaluate: Callable[..., tuple[jax.Array, dict]]
+
+    def __call__(self, params, x0: jax.Array, key: jax.Array, step=None):
+        return self.evaluate(params, x0, self.draw(key, x0), step)
 
 
 def num_penalised(batch_size: int, qc_fraction: float) -> int:
@@ -83,9 +115,11 @@ def merge_penalised(penalised: jax.Array, rest: jax.Array) -> jax.Array:
 
 
 def _check_options(weighting, estimator, qc_fraction, qc_every, jacobian_method, remat,
-                   qc_gradient):
+                   qc_gradient, dsm_scale):
     if weighting not in WEIGHTINGS:
         raise ValueError(f"loss.weighting must be one of {WEIGHTINGS}, got {weighting!r}.")
+    if not dsm_scale > 0:
+        raise ValueError(f"loss.dsm_scale must be > 0 (0.5 or 1.0), got {dsm_scale!r}.")
     if estimator not in asymmetry.ESTIMATORS:
         raise ValueError(
             f"loss.estimator must be one of {asymmetry.ESTIMATORS}, got {estimator!r}.")
@@ -102,12 +136,13 @@ def _check_options(weighting, estimator, qc_fraction, qc_every, jacobian_method,
 
 
 def make_loss_fn(score_fn: ScoreFn, sde, *, weighting: str = "sigma2",
-                 qc_weight: float = 0.0, estimator: str = "nonneg",
+                 dsm_scale: float = 0.5, qc_weight: float = 0.0, estimator: str = "nonneg",
                  probe: str = "rademacher", num_probes: int = 1, qc_fraction: float = 1.0,
                  qc_every: int = 1, jacobian_method: str = "linearize", remat: str = "none",
-                 qc_gradient: str = "estimate", eps: float = 1e-5) -> Callable:
-    """Returns `loss_fn(params, x0, key, step=None) -> (loss, metrics)` for a batch x0 [B, *S].
+                 qc_gradient: str = "estimate", eps: float = 1e-5) -> Loss:
+    """Returns the Loss: `loss(params, x0, key, step=None) -> (loss, metrics)` for x0 [B, *S].
 
+    dsm_scale: c in L_DSM (module docstring): 0.5, or 1.0 for the authors' 2D loss.
     step: the train step as a Python int, required when qc_every > 1 (it picks the branch
     while tracing; ignored otherwise).
     qc_gradient: 'estimate' differentiates the penalty estimate exactly (the paper);
@@ -118,44 +153,53 @@ def make_loss_fn(score_fn: ScoreFn, sde, *, weighting: str = "sigma2",
     others, so that its average over k consecutive steps estimates the mean penalty).
     """
     _check_options(weighting, estimator, qc_fraction, qc_every, jacobian_method, remat,
-                   qc_gradient)
+                   qc_gradient, dsm_scale)
     if remat != "none":
         score_fn = jax.checkpoint(score_fn, policy=REMAT_POLICIES[remat])
+    uses_probes = qc_weight > 0 and estimator != "exact"
 
-    def penalised(field, x_t, t, std, probe_key, scale):
+    def draw(key: jax.Array, x0: jax.Array) -> Noise:
+        t_key, z_key, dropout_key, probe_key = jax.random.split(key, 4)
+        t = jax.random.uniform(t_key, (x0.shape[0],), x0.dtype, minval=eps, maxval=1.0)
+        z = jax.random.normal(z_key, x0.shape, x0.dtype)
+        probes = (asymmetry.draw_probes(probe_key, x0, num_probes, probe) if uses_probes
+                  else None)
+        return Noise(t, z, probes, dropout_key)
+
+    def penalised(field, x_t, t, std, probes, scale):
         """(score [B, *S], scale * mean std^2 penalty, scale * mean penalty) over
         ceil(qc_fraction B) samples (split_penalised); a plain forward pass for the others."""
         m = num_penalised(x_t.shape[0], qc_fraction)
         (x_pen, x_rest), (t_pen, t_rest) = split_penalised(x_t, m), split_penalised(t, m)
         std_pen = split_penalised(std, m)[0]
-        score, penalty = asymmetry.asymmetry_penalty(
-            field, x_pen, t_pen, probe_key, estimator=estimator, probe=probe,
-            num_probes=num_probes, method=jacobian_method, gradient=qc_gradient)
+        probes_pen = None if probes is None else split_penalised(probes, m)[0]
+        score, penalty = asymmetry.penalty_with_probes(
+            field, x_pen, t_pen, probes_pen, estimator=estimator, method=jacobian_method,
+            gradient=qc_gradient)
         if x_rest.shape[0]:
             score = merge_penalised(score, field(x_rest, t_rest, rest=True))
         return (score, scale * jnp.mean(jnp.square(std_pen) * penalty),
                 scale * jnp.mean(penalty))
 
-    def batch_loss(params, x0, key, penalty_scale: float):
+    def batch_loss(params, x0, noise: Noise, penalty_scale: float):
         """(loss, metrics) with the penalty times penalty_scale; 0: no penalty pass."""
-        t_key, z_key, dropout_key, probe_key = jax.random.split(key, 4)
-        t = jax.random.uniform(t_key, (x0.shape[0],), minval=eps, maxval=1.0)
-        z = jax.random.normal(z_key, x0.shape, x0.dtype)
-        mean, std = sde.marginal_mean_std(x0, t)
-        x_t = mean + bcast(std, x0) * z
+        mean, std = sde.marginal_mean_std(x0, noise.t)
+        x_t = mean + bcast(std, x0) * noise.z
 
         def field(x, times, rest=False):
             """The score; samples outside the penalised part draw their own dropout."""
-            return score_fn(params, x, times,
-                            jax.random.fold_in(dropout_key, 1) if rest else dropout_key)
+            key = noise.dropout_key
+            return score_fn(params, x, times, jax.random.fold_in(key, 1) if rest else key)
 
         if penalty_scale:
-            score, weighted_qc, qc = penalised(field, x_t, t, std, probe_key, penalty_scale)
+            score, weighted_qc, qc = penalised(field, x_t, noise.t, std, noise.probes,
+                                               penalty_scale)
         else:
-            score = field(x_t, t)
+            score = field(x_t, noise.t)
             weighted_qc = qc = jnp.zeros((), x_t.dtype)
-        weight = jnp.square(std) if weighting == "sigma2" else jnp.square(sde.sde(x_t, t)[1])
-        dsm = jnp.mean(dsm_per_sample(score, z, std, weight))
+        weight = (jnp.square(std) if weighting == "sigma2"
+                  else jnp.square(sde.sde(x_t, noise.t)[1]))
+        dsm = jnp.mean(dsm_per_sample(score, noise.z, std, weight, dsm_scale))
         metrics = {"dsm": dsm}
         loss = dsm
         if qc_weight > 0:
@@ -177,7 +221,7 @@ def make_loss_fn(score_fn: ScoreFn, sde, *, weighting: str = "sigma2",
                             "compile one program per branch (train.make_step_selector).")
         return float(qc_every) if step % qc_every == 0 else 0.0
 
-    def loss_fn(params, x0, key, step=None):
-        return batch_loss(params, x0, key, penalty_scale(step))
+    def evaluate(params, x0: jax.Array, noise: Noise, step=None):
+        return batch_loss(params, x0, noise, penalty_scale(step))
 
-    return loss_fn
+    return Loss(draw, evaluate)

@@ -59,19 +59,62 @@ def ema_decay_schedule(optim: ml_collections.ConfigDict) -> float | Callable:
     return lambda step: jnp.minimum(optim.ema_decay, (2.0 + step) / (11.0 + step))
 
 
-def make_train_step(loss_fn, optimizer: optax.GradientTransformation,
-                    ema_decay: float | Callable):
-    """Returns train_step(state, batch [B, *S]) -> (state, metrics) for
-    loss_fn(params, batch, key) -> (loss, metrics). ema_decay: a number, or a function of
-    state.step (ema_decay_schedule).
+def loss_gradients(loss: losses.Loss, params: Any, batch: jax.Array, key: jax.Array, *,
+                   step: int | None = None, grad_accum_steps: int = 1):
+    """(metrics, gradients) of loss on batch [B, *S], its randomness drawn from key for
+    the whole batch (loss.draw); step goes to loss.evaluate (the qc_every branch).
 
-    A step whose loss or gradients are not finite leaves the state unchanged and reports
-    metrics['nonfinite'] = 1, so a NaN never reaches the parameters or a checkpoint.
+    grad_accum_steps = k > 1: k micro-batches, micro-batch i the rows i, i + k, i + 2k, ...
+    with their rows of the batch's draws (t, z, probes), evaluated one after the other in
+    a lax.scan, their gradients and metrics averaged. That is the whole batch's gradient
+    up to rounding (each term is a per-sample mean), in the memory of one micro-batch.
+    Strided rows keep a data-parallel batch's micro-batches on every device. Not the same
+    numbers: dropout masks (micro-batch i folds i into the dropout key) and, with
+    qc_fraction < 1, which rows are penalised (as many, other ones).
+    """
+    noise = loss.draw(key, batch)
+    value_and_grad = jax.value_and_grad(
+        lambda p, x, n: loss.evaluate(p, x, n, step), has_aux=True)
+    k = grad_accum_steps
+    if k == 1:
+        (_, metrics), grads = value_and_grad(params, batch, noise)
+        return metrics, grads
+    if batch.shape[0] % k:
+        raise ValueError(f"training.grad_accum_steps={k} must divide the batch size "
+                         f"{batch.shape[0]}.")
+    strided = lambda a: jnp.swapaxes(a.reshape(a.shape[0] // k, k, *a.shape[1:]), 0, 1)
+    micro_batches = jax.tree.map(strided, (batch, noise._replace(dropout_key=None)))
+
+    def micro_step(i, x, part):
+        part = part._replace(dropout_key=jax.random.fold_in(noise.dropout_key, i))
+        (_, metrics), grads = value_and_grad(params, x, part)
+        return metrics, grads
+
+    def accumulate(total, inputs):
+        return jax.tree.map(jnp.add, total, micro_step(*inputs)), None
+
+    inputs = (jnp.arange(k), *micro_batches)
+    shapes = jax.eval_shape(micro_step, *jax.tree.map(lambda a: a[0], inputs))
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    total, _ = jax.lax.scan(accumulate, zeros, inputs)
+    return jax.tree.map(lambda a: a / k, total)
+
+
+def make_train_step(loss: losses.Loss, optimizer: optax.GradientTransformation,
+                    ema_decay: float | Callable, *, step: int | None = None,
+                    grad_accum_steps: int = 1):
+    """Returns train_step(state, batch [B, *S]) -> (state, metrics) for a losses.Loss.
+
+    ema_decay: a number, or a function of state.step (ema_decay_schedule). step: the host
+    step's qc_every branch (make_step_selector); grad_accum_steps: the batch in that many
+    micro-batches (loss_gradients). A step whose loss or gradients are
+    not finite leaves the state unchanged and reports metrics['nonfinite'] = 1, so a NaN
+    never reaches the parameters or a checkpoint.
     """
     def train_step(state: TrainState, batch: jax.Array):
         key = jax.random.fold_in(state.key, state.step)
-        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state.params, batch, key)
+        metrics, grads = loss_gradients(loss, state.params, batch, key, step=step,
+                                        grad_accum_steps=grad_accum_steps)
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
@@ -92,22 +135,22 @@ def make_train_step(loss_fn, optimizer: optax.GradientTransformation,
     return train_step
 
 
-def make_step_selector(loss_fn, optimizer: optax.GradientTransformation,
-                       ema_decay: float | Callable, qc_every: int,
-                       jit: Callable = jax.jit) -> Callable[[int], Callable]:
+def make_step_selector(loss: losses.Loss, optimizer: optax.GradientTransformation,
+                       ema_decay: float | Callable, qc_every: int, jit: Callable = jax.jit, *,
+                       grad_accum_steps: int = 1) -> Callable[[int], Callable]:
     """Returns step_for(step) -> the jitted train step to run at host step `step`.
 
-    loss_fn(params, batch, key, step) is losses.make_loss_fn's. With qc_every = k > 1 there
-    are two programs, both without a conditional: the penalised one for step % k == 0, the
-    plain DSM one otherwise, each compiled by `jit` on first use.
+    loss is losses.make_loss_fn's. With qc_every = k > 1 there are two programs, both
+    without a conditional: the penalised one for step % k == 0, the plain DSM one
+    otherwise, each compiled by `jit` on first use.
     """
     programs = {}
 
     def step_for(step: int) -> Callable:
         phase = 0 if step % qc_every == 0 else 1
         if phase not in programs:
-            programs[phase] = jit(make_train_step(
-                functools.partial(loss_fn, step=phase), optimizer, ema_decay))
+            programs[phase] = jit(make_train_step(loss, optimizer, ema_decay, step=phase,
+                                                  grad_accum_steps=grad_accum_steps))
         return programs[phase]
 
     return step_for
@@ -156,6 +199,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     mesh = parallel.make_mesh(config.parallel.data_axis, config.parallel.model_axis)
     batch_size = config.training.batch_size
     parallel.check_batch_size(batch_size, mesh)
+    _check_accumulation(batch_size, config.training.grad_accum_steps, mesh)
     model = experiment.build_score_model(config)
     optimizer = make_optimizer(config.optim)
     loss_fn = losses.make_loss_fn(model.score_fn, model.sde, **config.loss)
@@ -170,7 +214,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
         loss_fn, optimizer, ema_decay_schedule(config.optim), qc_every,
         functools.partial(jax.jit, in_shardings=(sharding, parallel.data_sharding(mesh)),
                           out_shardings=(sharding, parallel.replicated(mesh)),
-                          donate_argnums=0))
+                          donate_argnums=0),
+        grad_accum_steps=config.training.grad_accum_steps)
 
     local_batch = data.make_train_batches(config)
 
@@ -232,6 +277,15 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
             ckpt.wait()
             writer.flush()
     return state
+
+
+def _check_accumulation(batch_size: int, steps, mesh) -> None:
+    """grad_accum_steps must be a positive int whose micro-batches split over the mesh."""
+    if not isinstance(steps, int) or steps < 1 or batch_size % steps:
+        raise ValueError(f"--config.training.grad_accum_steps={steps!r} must be a positive "
+                         f"integer that divides training.batch_size={batch_size}.")
+    parallel.check_batch_size(batch_size // steps, mesh,
+                              "micro-batch size (training.batch_size / grad_accum_steps)")
 
 
 def _init_from(source: str, state: TrainState, optimizer: optax.GradientTransformation,

@@ -29,6 +29,12 @@ def _step_fn(config, model):
     return optimizer, train.make_train_step(loss_fn, optimizer, config.optim.ema_decay)
 
 
+def _keyed(fn):
+    """A losses.Loss whose only randomness is the key: fn(params, batch, key)."""
+    return losses.Loss(draw=lambda key, batch: key,
+                       evaluate=lambda params, batch, key, step=None: fn(params, batch, key))
+
+
 def _batch(config, step=0):
     data = toy.sample_toy("gaussians8", jax.random.key(0), 2048)
     return np.asarray(toy.toy_batch(data, jax.random.key(1), step, config.training.batch_size))
@@ -56,7 +62,7 @@ def test_nonfinite_step_leaves_state_unchanged():
 
     optimizer = optax.adam(1e-3)
     state = train.init_state({"w": jnp.ones(3)}, optimizer, 0)
-    new, metrics = jax.jit(train.make_train_step(nan_loss, optimizer, 0.9))(
+    new, metrics = jax.jit(train.make_train_step(_keyed(nan_loss), optimizer, 0.9))(
         state, jnp.ones((4, 2)))
     assert float(metrics["nonfinite"]) == 1.0
     assert int(new.step) == 0
@@ -95,7 +101,7 @@ def test_ema_follows_its_formula():
 
     optimizer = optax.sgd(0.1)
     state = train.init_state({"w": jnp.zeros(2)}, optimizer, 0)
-    new, _ = train.make_train_step(loss, optimizer, 0.75)(state, jnp.ones((1, 2)))
+    new, _ = train.make_train_step(_keyed(loss), optimizer, 0.75)(state, jnp.ones((1, 2)))
     # One SGD step moves w from 0 to 0.2; the EMA moves a quarter of the way.
     np.testing.assert_allclose(new.params["w"], 0.2, rtol=1e-6)
     np.testing.assert_allclose(new.ema_params["w"], 0.25 * 0.2, rtol=1e-6)

@@ -11,7 +11,8 @@ W - R = W (I - diag(alpha)) need not vanish, so a conservative field does not ne
 weights. That is the claim checked here.
 
 Training: L_QC = mean over a 40 x 40 grid on [-10, 10]^2 of Asym(J(x)) = 1/2 ||J - J^T||_F^2
-(exact 2 x 2 Jacobian), Adam (lr 1e-4) on gradients clipped to global norm 1, 10,001 steps.
+(exact 2 x 2 Jacobian), Adam (lr 1e-4) on gradients clipped to global norm 1, 10,002 steps
+(the authors' loop: n_iters + 1 updates with n_iters = 10,001).
 All seeds train at once (vmap) inside one lax.scan; L_QC, ||W R^T - R W^T||_F and
 ||W - R||_F are recorded at every step, on device.
 """

@@ -13,7 +13,9 @@ What is implemented (2D, x = (x1, x2), r = |x|, theta the polar angle):
   eps E_mu[r^2 / (r^2 + eps)] = eps (1 - O(eps)). With the unit direction d / r it would be
   eps E_mu[1 / (r^2 + eps)], about 0.18 eps.
 * delta is a floor under the denominator; the default 1e-8 is the value of the authors'
-  reference code. With delta = 0 the formula is exact but c grows like
+  reference code. (That code also adds 1e-6 to eps inside c(x)^2 for every eps > 0: the
+  eps_offset of the config, 1e-6 by default, 0 for the formula as written.)
+  With delta = 0 the formula is exact but c grows like
   exp(r^2 / (4 sigma^2)) (c ~ e^193 at (-2, -2) for eps = 1e-3), and gradient steps from
   N(-2, 0.5^2 I) diverge for every eps > 0 with either direction. With delta = 1e-8, u is
   capped where p is below ~1e-8 (r > ~0.6), sampling works, and the score error is only about
@@ -62,17 +64,20 @@ READINGS = ("clipped", "relative")
 
 
 class Problem(NamedTuple):
-    """Target std sigma (scalar), mixture means [K, 2] of mu, denominator floor delta."""
+    """Target std sigma (scalar), mixture means [K, 2] of mu, denominator floor delta, and
+    the offset added to every eps > 0 inside c(x)^2."""
     sigma: jax.Array
     means: jax.Array
     floor: jax.Array
+    eps_offset: jax.Array
 
 
 def make_problem(config: ml_collections.ConfigDict, dtype) -> Problem:
     """The Problem of a config: K = config.mixture.num_modes means on a circle."""
     angles = 2 * np.pi * np.arange(config.mixture.num_modes) / config.mixture.num_modes
     means = config.mixture.radius * np.stack([np.cos(angles), np.sin(angles)], axis=-1)
-    return Problem(*(jnp.asarray(v, dtype) for v in (config.sigma, means, config.floor)))
+    return Problem(*(jnp.asarray(v, dtype) for v in (config.sigma, means, config.floor,
+                                                     config.eps_offset)))
 
 
 def log_target(x: jax.Array, sigma: jax.Array) -> jax.Array:
@@ -87,9 +92,10 @@ def log_mixture(x: jax.Array, means: jax.Array) -> jax.Array:
 
 
 def log_coefficient_sq(x: jax.Array, eps: jax.Array, problem: Problem) -> jax.Array:
-    """log c(x)^2 = log(2 eps mu) - log(p (r^2 + eps) + delta) for x [..., 2]; -inf if eps = 0."""
+    """log c(x)^2 = log(2 e mu) - log(p (r^2 + e) + delta), e = eps + eps_offset, for x
+    [..., 2]; -inf if eps = 0."""
     positive = eps > 0
-    eps = jnp.where(positive, eps, 1.0)
+    eps = jnp.where(positive, eps + problem.eps_offset, 1.0)
     denominator = jnp.logaddexp(log_target(x, problem.sigma) + jnp.log(jnp.sum(x**2, -1) + eps),
                                 jnp.log(problem.floor))
     value = jnp.log(2 * eps) + log_mixture(x, problem.means) - denominator
@@ -281,7 +287,8 @@ def table_markdown(results: dict, config) -> str:
     fields = results["fields"]
     metrics = {"asym_p": "Asym_p", "nasym_p": "NAsym_p", "asym_mu": "Asym_mu",
                "nasym_mu": "NAsym_mu"}
-    lines = [f"delta (floor) = {config.floor:g}; score error = 1/2 E_p|u|^2; Asym and NAsym "
+    lines = [f"delta (floor) = {config.floor:g}, eps offset = {config.eps_offset:g}; "
+             "score error = 1/2 E_p|u|^2; Asym and NAsym "
              "averaged under p (_p) and under mu (_mu) by quadrature.", "",
              "| eps | score error / eps | " + " | ".join(
                  f"{label} {f}" for label in metrics.values() for f in FIELDS) + " |",

@@ -29,7 +29,8 @@ def build_model(config: ml_collections.ConfigDict, data_shape: tuple[int, ...],
     name = config.model.name
     if name == "toy_mlp":
         return ToyScoreNet(data_shape[-1], tuple(config.model.widths),
-                           tuple(config.model.noise_widths), rngs=nnx.Rngs(key))
+                           tuple(config.model.noise_widths), init=config.model.init,
+                           head_activation=config.model.head_activation, rngs=nnx.Rngs(key))
     if name in ("ncsnpp", "ddpmpp"):
         return _build_image_model(config.model, data_shape, key)
     raise ValueError(f"Unknown model.name {name!r}; valid names: {sorted(MODELS)}.")

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# One run of the authors' 2D program, evaluated by ours (reference/official_2d.py):
+#   reference/run_official_2d.sh DATASET FAMILY SEED WORKDIR [QCSBM_CHECKOUT] [FLAGS...]
+# DATASET: gaussians8 | checkerboard | spirals2; FAMILY: csbm | usbm | qcsbm. FLAGS go to
+# the evaluation (qcsbm_jax.main --mode eval), e.g. --config.eval.num_points=5000.
+# JAX_PYTHON (default .venv/bin/python) runs the JAX steps, TORCH_PYTHON (default
+# /work/torchenv/bin/python) their training.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+dataset=$1 family=$2 seed=$3 workdir=$4 qcsbm=${5:-/work/ext/qcsbm}
+shift $(( $# < 5 ? $# : 5 ))
+jax_python=${JAX_PYTHON:-.venv/bin/python}
+torch_python=${TORCH_PYTHON:-/work/torchenv/bin/python}
+common=(--dataset "$dataset" --family "$family" --seed "$seed" --workdir "$workdir")
+"$jax_python" reference/official_2d.py data "${common[@]}"
+"$torch_python" reference/official_2d.py train "${common[@]}" --qcsbm "$qcsbm"
+"$jax_python" reference/official_2d.py import "${common[@]}"
+"$jax_python" -m qcsbm_jax.main --mode eval --config "configs/toy/${dataset}_${family}.py" \
+    --workdir "$workdir" "$@"
