@@ -16,9 +16,13 @@ Steps, each in its own environment (torch and JAX are never in one process):
   train   (torch)  their training for --updates steps (default: their n_iters, which is
                    our training.num_steps; their loop itself makes n_iters + 1); the
                    weights every --save_every steps from --save_from, and at the end, as
-                   WORKDIR/official/step_<n>.npz (their state_dict names); loss.csv
-  import  (JAX)    each step_<n>.npz as our checkpoint of step n in WORKDIR/checkpoints,
-                   so that `python -m qcsbm_jax.main --mode eval` evaluates it
+                   WORKDIR/official/step_<n>.npz (their state_dict names); loss.csv.
+                   With --ema_decay d > 0 this script also keeps an EMA of their weights
+                   (outside their code, which has none in 2D; it does not change their
+                   training), saved beside them as step_<n>_ema.npz
+  import  (JAX)    each step_<n>.npz as our checkpoint of step n in WORKDIR/checkpoints
+                   (its EMA as the EMA parameters when saved), so that
+                   `python -m qcsbm_jax.main --mode eval` evaluates it
 reference/run_official_2d.sh runs all three and the evaluation.
 """
 
@@ -97,43 +101,60 @@ def train(args) -> None:
     batches = shuffled_batches(np.load(data_path), config.training.batch_size,
                                np.random.RandomState(args.seed))
     start, rows = time.time(), ["step,loss,reg,seconds"]
+    ema = {k: v.detach().clone() for k, v in model.state_dict().items()}
     for step in range(1, updates + 1):
         batch = torch.as_tensor(next(batches), dtype=dtype)
         loss, reg = step_fn(model, optimizer, batch, config.model.type == "score_model")
+        if args.ema_decay > 0:
+            with torch.no_grad():
+                for k, v in model.state_dict().items():
+                    ema[k].mul_(args.ema_decay).add_(v, alpha=1 - args.ema_decay)
         if step % 100 == 0 or step == updates:
             rows.append(f"{step},{loss.item():.6g},{reg.item():.6g},{time.time() - start:.1f}")
             print(rows[-1], flush=True)
         if step == updates or (step >= args.save_from and step % args.save_every == 0):
             np.savez(os.path.join(official, f"step_{step}.npz"),
                      **{k: v.detach().cpu().numpy() for k, v in model.state_dict().items()})
+            if args.ema_decay > 0:
+                np.savez(os.path.join(official, f"step_{step}_ema.npz"),
+                         **{k: v.cpu().numpy() for k, v in ema.items()})
     with open(os.path.join(official, "loss.csv"), "w") as f:
         f.write("\n".join(rows) + "\n")
 
 
 # ----------------------------------------------------------------------------- import
 
+def _read_params(path: str) -> dict:
+    """Our toy network's parameters from their state dict saved as .npz."""
+    import jax
+    from qcsbm_jax.models import toy
+
+    with np.load(path) as state_dict:
+        return jax.tree.map(np.asarray, toy.params_from_torch(dict(state_dict)))
+
+
 def import_checkpoints(args) -> None:
     import jax
     from qcsbm_jax import checkpoint, config as config_lib, experiment, train as train_lib
-    from qcsbm_jax.models import toy
 
     config = config_lib.toy_config(args.dataset, args.family)
     model = experiment.build_score_model(config)
     optimizer = train_lib.make_optimizer(config.optim)
     official, _ = _paths(args.workdir)
-    files = sorted(glob.glob(os.path.join(official, "step_*.npz")),
+    files = sorted(glob.glob(os.path.join(official, "step_*[0-9].npz")),
                    key=lambda p: int(re.findall(r"\d+", os.path.basename(p))[0]))
     if not files:
         raise FileNotFoundError(f"No step_<n>.npz in {official}; run 'train' first.")
     with checkpoint.Checkpointer(args.workdir, max_to_keep=len(files)) as ckpt:
         for path in files:
             step = int(re.findall(r"\d+", os.path.basename(path))[0])
-            with np.load(path) as state_dict:
-                params = jax.tree.map(np.asarray, toy.params_from_torch(dict(state_dict)))
+            params = _read_params(path)
             jax.tree.map(lambda a, b: np.testing.assert_equal(a.shape, b.shape), params,
                          model.init_params)
+            ema_path = path[:-len(".npz")] + "_ema.npz"
             state = train_lib.init_state(params, optimizer, args.seed).replace(
-                step=np.int32(step))
+                step=np.int32(step),
+                ema_params=_read_params(ema_path) if os.path.exists(ema_path) else params)
             metadata = {"config": config.to_dict(),
                         "signature": experiment.model_signature(config, params)}
             ckpt.save(step, state, metadata=metadata, force=True)
@@ -152,6 +173,8 @@ def main():
     parser.add_argument("--updates", type=int, default=0, help="0: their n_iters")
     parser.add_argument("--save_every", type=int, default=100)
     parser.add_argument("--save_from", type=int, default=1500)
+    parser.add_argument("--ema_decay", type=float, default=0.0,
+                        help="train: also keep an EMA of their weights with this decay")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (train); on a shared 2-core machine one thread "
                              "ran a QCSBM step 3x faster than two")
