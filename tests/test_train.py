@@ -121,7 +121,7 @@ def test_ema_warmup_is_the_official_schedule_and_keeps_equal_values_exactly():
     optimizer = optax.sgd(0.1)
     fixed = jnp.array([0.1, 3.7, -1.3e-5], jnp.float32)
     state = train.init_state({"w": jnp.zeros(2), "fixed": fixed}, optimizer, 0)
-    step = jax.jit(train.make_train_step(loss, optimizer, decay))
+    step = jax.jit(train.make_train_step(_keyed(loss), optimizer, decay))
     new, _ = step(state, jnp.ones((1, 2)))
     np.testing.assert_allclose(new.ema_params["w"], (1 - 2 / 11) * 0.2, rtol=1e-6)
     for _ in range(3):
