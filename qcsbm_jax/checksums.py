@@ -1,0 +1,82 @@
+"""Content checksums of array pytrees, computed where the arrays are.
+
+Each leaf gets a 64-bit checksum (16 hex digits): two 32-bit lanes, each the sum modulo
+2^32 of a mixed hash of every element's bits and its position. A sum does not depend on
+the order in which the parts are added, so one jitted program hashes every shard on the
+device holding it and adds the per-device sums: no array travels to the host, each
+process hashes only its own shards, and the result does not depend on the sharding or
+the number of devices. Each element's term is a bijection of its bits, so any change of
+a single element changes the checksum; larger damage goes unnoticed with probability
+about 2^-64. This detects damage to stored data; it is no defence against tampering.
+"""
+
+import hashlib
+import json
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+ALGORITHM = "fmix32-sum-2x32"  # Recorded with the checksums, so a new one can be told apart.
+_GOLDEN = np.uint32(0x9E3779B9)
+_LANE_SALT = np.uint32(0x5BD1E995)
+_UNSIGNED = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}
+
+
+def _fmix32(h: jax.Array) -> jax.Array:
+    """MurmurHash3's finalizer: a bijection of uint32 with good avalanche."""
+    h = h ^ (h >> 16)
+    h = h * np.uint32(0x85EBCA6B)
+    h = h ^ (h >> 13)
+    h = h * np.uint32(0xC2B2AE35)
+    return h ^ (h >> 16)
+
+
+def _words(x: jax.Array) -> jax.Array:
+    """The bits of x as uint32 (8-byte elements: a trailing axis of two words)."""
+    if x.dtype == jnp.bool_:
+        return x.astype(jnp.uint32)
+    size = np.dtype(x.dtype).itemsize
+    if size == 8:
+        return jax.lax.bitcast_convert_type(x, jnp.uint32)
+    return jax.lax.bitcast_convert_type(x, _UNSIGNED[size]).astype(jnp.uint32)
+
+
+def _positions(shape: tuple[int, ...]) -> jax.Array:
+    """uint32 row-major index of every element (modulo 2^32), computed per shard by XLA."""
+    index = jnp.zeros(shape, jnp.uint32)
+    stride = 1
+    for axis in reversed(range(len(shape))):
+        index = index + jax.lax.broadcasted_iota(jnp.uint32, shape, axis) * np.uint32(
+            stride % 2**32)
+        stride *= shape[axis]
+    return index
+
+
+def _leaf_checksum(x: jax.Array) -> jax.Array:
+    """uint32[2]: the two lanes of one array's checksum."""
+    words = _words(jnp.asarray(x))
+    mixed = words ^ _fmix32(_positions(words.shape) * _GOLDEN)
+    lanes = [_fmix32(mixed), _fmix32(mixed ^ _LANE_SALT)]
+    return jnp.stack([jnp.sum(lane, dtype=jnp.uint32) for lane in lanes])
+
+
+_tree_lanes = jax.jit(lambda tree: jax.tree.map(_leaf_checksum, tree))
+
+
+def tree_checksums(tree: Any) -> dict[str, str]:
+    """'path.to.leaf' (orbax's flat names) -> 16 hex digits, for every array leaf.
+
+    A collective in a multi-process job: every process calls it with its global arrays.
+    """
+    lanes = _tree_lanes(tree)
+    return {name: "".join(f"{int(w):08x}" for w in np.asarray(value.addressable_data(0)))
+            for name, value in ocp.tree.to_flat_dict(lanes, sep=".").items()}
+
+
+def json_digest(value: Any) -> str:
+    """SHA-256 of the canonical JSON text of a JSON-serialisable value."""
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=True)
+    return hashlib.sha256(text.encode()).hexdigest()
