@@ -37,7 +37,7 @@ from qcsbm_jax import checksums
 STATE = "state"
 METADATA = "metadata"
 RESTORED_FROM = "restored_from"  # Added to restored metadata: the step directory read.
-INTEGRITY = "integrity"  # Reserved metadata key: the checksums and digest (module doc).
+INTEGRITY = checksums.RECORD  # Reserved metadata key: checksums and digest (module doc).
 DAMAGED_DIR = "damaged_checkpoints"  # WORKDIR/damaged_checkpoints/<step>: set aside.
 _MAX_LISTED = 10
 READ_ONLY_ADVICE = "Point at another run of this model (same network, family and data)."
@@ -164,42 +164,6 @@ def _sync(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
-def _sealed(metadata: dict, array_checksums: dict[str, str]) -> dict:
-    """metadata (as JSON gives it back) plus its INTEGRITY record."""
-    plain = json.loads(json.dumps(metadata))
-    if INTEGRITY in plain:
-        raise ValueError(f"The metadata key {INTEGRITY!r} is reserved for the checkpoint.")
-    digest = checksums.json_digest({"metadata": plain, "arrays": array_checksums})
-    return {**plain, INTEGRITY: {"algorithm": checksums.ALGORITHM,
-                                 "arrays": array_checksums, "digest": digest}}
-
-
-def _integrity_problem(step_dir: str, metadata: dict, storage: Any) -> str | None:
-    """What is wrong with a restored step (its INTEGRITY record popped from metadata), or
-    None. A collective: checksums the restored arrays on their devices."""
-    record = metadata.pop(INTEGRITY, None)
-    if record is None or (isinstance(record, dict)
-                          and record.get("algorithm") != checksums.ALGORITHM):
-        logging.warning("%s has no content checksums this version can check (written by "
-                        "an older or newer version); its arrays are not verified.", step_dir)
-        return None
-    try:
-        recorded, digest = dict(record["arrays"]), record["digest"]
-    except (TypeError, KeyError, ValueError):
-        return f"its integrity record in {METADATA}/{METADATA} is garbled"
-    if checksums.json_digest({"metadata": metadata, "arrays": recorded}) != digest:
-        return (f"{METADATA}/{METADATA} differs from the digest recorded when it was saved "
-                "(the file was altered)")
-    actual = checksums.tree_checksums(storage)
-    bad = [name for name, value in actual.items() if recorded.get(name) != value]
-    if bad:
-        shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
-        return (f"{len(bad)} of its {len(actual)} arrays ({shown}) differ from the "
-                f"checksums recorded when it was saved (damaged data files under "
-                f"{step_dir}/{STATE})")
-    return None
-
-
 def check_compatible(saved_metadata: dict, current_metadata: dict,
                      advice: str | None = None) -> None:
     """Raises IncompatibleCheckpointError unless both model signatures agree.
@@ -279,16 +243,15 @@ class Checkpointer:
         if not (force or self._manager.should_save(step)):
             return False
         storage = _unwrap_keys(state)
-        sealed = _sealed(metadata, checksums.tree_checksums(storage))
+        sealed = checksums.seal(metadata, storage)
         args = ocp.args.Composite(**{STATE: ocp.args.StandardSave(storage),
                                      METADATA: ocp.args.JsonSave(sealed)})
         try:
             return self._manager.save(step, args=args, force=force)
         except ocp.checkpoint_manager.StepAlreadyExistsError as e:
             raise CheckpointError(
-                f"{self.step_dir(step)} already exists. If it is a damaged checkpoint that "
-                f"restore_latest_valid skipped: {move_aside_advice(self.step_dir(step))}"
-                ) from e
+                f"{self.step_dir(step)} already exists and is never overwritten. If it is "
+                f"damaged: {move_aside_advice(self.step_dir(step))}") from e
 
     def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict]:
         """Restores `step` (default: the newest) onto the shapes, dtypes and shardings of
@@ -316,7 +279,7 @@ class Checkpointer:
             raise self._corrupt(step, problem or "another process of the job could not "
                                 "read it (see its log)") from cause
         metadata = dict(metadata)
-        problem = _integrity_problem(self.step_dir(step), metadata, restored[STATE])
+        problem = checksums.verify(metadata, restored[STATE], self.step_dir(step))
         if problem:
             raise self._corrupt(step, problem)
         metadata[RESTORED_FROM] = self.step_dir(step)

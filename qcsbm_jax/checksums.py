@@ -1,4 +1,5 @@
-"""Content checksums of array pytrees, computed where the arrays are.
+"""Content checksums of array pytrees, computed where the arrays are, and the integrity
+record a checkpoint keeps in its metadata (`seal` when saving, `verify` when restoring).
 
 Each leaf gets a 64-bit checksum (16 hex digits): two 32-bit lanes, each the sum modulo
 2^32 of a mixed hash of every element's bits and its position. A sum does not depend on
@@ -18,8 +19,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 
 ALGORITHM = "fmix32-sum-2x32"  # Recorded with the checksums, so a new one can be told apart.
+RECORD = "integrity"  # The metadata key of the record: algorithm, per-array checksums, digest.
 _GOLDEN = np.uint32(0x9E3779B9)
 _LANE_SALT = np.uint32(0x5BD1E995)
 _UNSIGNED = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}
@@ -80,3 +83,49 @@ def json_digest(value: Any) -> str:
     """SHA-256 of the canonical JSON text of a JSON-serialisable value."""
     text = json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=True)
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _digest(metadata: dict, algorithm: str, array_checksums: dict[str, str]) -> str:
+    return json_digest({"metadata": metadata, "algorithm": algorithm,
+                        "arrays": array_checksums})
+
+
+def seal(metadata: dict, tree: Any) -> dict:
+    """metadata (as JSON gives it back) plus the RECORD of `tree`: the checksum of every
+    array and a digest of the metadata, the algorithm and the checksums. A collective."""
+    plain = json.loads(json.dumps(metadata))
+    if RECORD in plain:
+        raise ValueError(f"The metadata key {RECORD!r} is reserved for the checkpoint.")
+    sums = tree_checksums(tree)
+    return {**plain, RECORD: {"algorithm": ALGORITHM, "arrays": sums,
+                              "digest": _digest(plain, ALGORITHM, sums)}}
+
+
+def verify(metadata: dict, tree: Any, where: str) -> str | None:
+    """What is wrong with the restored `tree` and `metadata` (whose RECORD is popped) of
+    the checkpoint `where`, or None. Records of another ALGORITHM, and no record (an
+    older version), are warned about as unverified. A collective."""
+    record = metadata.pop(RECORD, None)
+    if record is None:
+        logging.warning("%s was written without content checksums (by an older version); "
+                        "its arrays are not verified.", where)
+        return None
+    try:
+        algorithm, digest = record["algorithm"], record["digest"]
+        recorded = dict(record["arrays"])
+    except (TypeError, KeyError, ValueError):
+        return "its integrity record in metadata/metadata is garbled"
+    if _digest(metadata, algorithm, recorded) != digest:
+        return ("metadata/metadata differs from the digest recorded when it was saved (the "
+                "file was altered)")
+    if algorithm != ALGORITHM:
+        logging.warning("%s holds checksums of another kind (%s, from another version); its "
+                        "arrays are not verified.", where, algorithm)
+        return None
+    actual = tree_checksums(tree)
+    bad = [name for name, value in actual.items() if recorded.get(name) != value]
+    if not bad:
+        return None
+    shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+    return (f"{len(bad)} of its {len(actual)} arrays ({shown}) differ from the checksums "
+            f"recorded when it was saved (damaged data files under {where}/state)")

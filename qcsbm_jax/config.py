@@ -244,5 +244,5 @@ def check_devices(config: ml_collections.ConfigDict, num_devices: int,
     batch = config.training.batch_size
     if batch % num_devices or batch % num_processes:
         raise ValueError(
-            f"--config.training.batch_size={batch} must be divisible by the {num_devices} "
-            f"devices and the {num_processes} processes of this job.")
+            f"--config.training.batch_size={batch} must be divisible by the number of "
+            f"devices ({num_devices}) and of processes ({num_processes}) of this job.")

@@ -170,8 +170,9 @@ def _expected_type(value) -> str:
     if type(value) in (int, float, str):
         return {int: "an integer", float: "a number", str: "a string"}[type(value)]
     if isinstance(value, tuple):
-        kinds = " and ".join(sorted({_expected_type(v) for v in value})) or "values"
-        return f"a tuple of {kinds}, such as {value!r}"
+        plural = {bool: "true/false values", int: "integers", float: "numbers", str: "strings"}
+        kinds = " and ".join(sorted({plural.get(type(v), "values") for v in value}))
+        return f"a tuple of {kinds or 'values'}, such as {value!r}"
     return type(value).__name__
 
 

@@ -322,17 +322,19 @@ def _edit_metadata(step_dir, edit):
 
 
 def test_altered_metadata_or_checksums_do_not_verify(tmp_path):
-    directory = saved_steps(tmp_path, [1, 2, 3])
-    _edit_metadata(os.path.join(directory, "3"),
+    """JSON that still parses: a config value, a checksum, the algorithm's name."""
+    directory = saved_steps(tmp_path, [1, 2, 3, 4], max_to_keep=4)
+    record = lambda m: m[checkpoint.INTEGRITY]
+    _edit_metadata(os.path.join(directory, "4"),
                    lambda m: m["config"]["optim"].update(lr=2e-3))
-    _edit_metadata(os.path.join(directory, "2"), lambda m: m[checkpoint.INTEGRITY]["arrays"]
-                   .update({"params.scale": "0" * 16}))
+    _edit_metadata(os.path.join(directory, "3"),
+                   lambda m: record(m)["arrays"].update({"params.scale": "0" * 16}))
+    _edit_metadata(os.path.join(directory, "2"), lambda m: record(m).update(algorithm="x"))
     with checkpoint.Checkpointer(tmp_path) as ckpt:
-        with pytest.raises(checkpoint.CorruptCheckpointError,
-                           match="metadata/metadata differs from the digest"):
-            ckpt.restore(abstract(make_state()), 3)
-        with pytest.raises(checkpoint.CorruptCheckpointError, match="digest"):
-            ckpt.restore(abstract(make_state()), 2)
+        for step in (4, 3, 2):
+            with pytest.raises(checkpoint.CorruptCheckpointError,
+                               match="metadata/metadata differs from the digest"):
+                ckpt.restore(abstract(make_state()), step)
         restored, _ = ckpt.restore_latest_valid(abstract(make_state()))
     assert_trees_equal(restored, make_state(1))
 
