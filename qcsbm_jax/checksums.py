@@ -3,7 +3,7 @@ record a checkpoint keeps in its metadata (`seal` when saving, `verify` when res
 
 Each leaf gets a 64-bit checksum (16 hex digits): two 32-bit lanes, each the sum modulo
 2^32 of a mixed hash of every element's bits and its position. A sum does not depend on
-the order in which the parts are added, so one jitted program hashes every shard on the
+the order in which the parts are added, so a jitted program hashes every shard on the
 device holding it and adds the per-device sums: no array travels to the host, each
 process hashes only its own shards, and the result does not depend on the sharding or
 the number of devices. Each element's term is a bijection of its bits, so any change of
@@ -11,6 +11,7 @@ a single element changes the checksum; larger damage goes unnoticed with probabi
 about 2^-64. This detects damage to stored data; it is no defence against tampering.
 """
 
+import functools
 import hashlib
 import json
 from typing import Any
@@ -20,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 ALGORITHM = "fmix32-sum-2x32"  # Recorded with the checksums, so a new one can be told apart.
 RECORD = "integrity"  # The metadata key of the record: algorithm, per-array checksums, digest.
@@ -66,17 +68,41 @@ def _leaf_checksum(x: jax.Array) -> jax.Array:
     return jnp.stack([jnp.sum(lane, dtype=jnp.uint32) for lane in lanes])
 
 
-_tree_lanes = jax.jit(lambda tree: jax.tree.map(_leaf_checksum, tree))
+def _split(x: Any) -> NamedSharding | None:
+    """For an array replicated over a mesh, a sharding that splits its largest dimension
+    divisible by the mesh size over every device (a local slice, no communication), so
+    that each device hashes a part rather than all of it; otherwise None."""
+    sharding = getattr(x, "sharding", None)
+    if not (isinstance(sharding, NamedSharding) and sharding.is_fully_replicated
+            and sharding.mesh.size > 1
+            and all(t == AxisType.Auto for t in sharding.mesh.axis_types)):
+        return None
+    dims = [d for d, n in enumerate(x.shape) if n % sharding.mesh.size == 0]
+    if not dims:
+        return None
+    split = max(dims, key=lambda d: x.shape[d])
+    return NamedSharding(sharding.mesh, P(*(sharding.mesh.axis_names if d == split else None
+                                             for d in range(x.ndim))))
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _lanes(x: jax.Array, split: NamedSharding | None) -> jax.Array:
+    if split is not None:
+        x = jax.lax.with_sharding_constraint(x, split)
+    return _leaf_checksum(x)
 
 
 def tree_checksums(tree: Any) -> dict[str, str]:
     """'path.to.leaf' (orbax's flat names) -> 16 hex digits, for every array leaf.
 
-    A collective in a multi-process job: every process calls it with its global arrays.
+    One small program per distinct shape, dtype and sharding (a tree-wide program takes
+    XLA far longer to compile), all dispatched before any result is read. A collective
+    in a multi-process job: every process calls it with its global arrays.
     """
-    lanes = _tree_lanes(tree)
+    lanes = {name: _lanes(x, _split(x))
+             for name, x in ocp.tree.to_flat_dict(tree, sep=".").items()}
     return {name: "".join(f"{int(w):08x}" for w in np.asarray(value.addressable_data(0)))
-            for name, value in ocp.tree.to_flat_dict(lanes, sep=".").items()}
+            for name, value in lanes.items()}
 
 
 def json_digest(value: Any) -> str:
