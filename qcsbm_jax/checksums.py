@@ -2,16 +2,18 @@
 record a checkpoint keeps in its metadata (`seal` when saving, `verify` when restoring).
 
 Each leaf gets a 64-bit checksum (16 hex digits): two 32-bit lanes, each the sum modulo
-2^32 of a mixed hash of every element's bits and its position. A sum does not depend on
-the order in which the parts are added, so a jitted program hashes every shard on the
-device holding it and adds the per-device sums: no array travels to the host, each
-process hashes only its own shards, and the result does not depend on the sharding or
-the number of devices. Each element's term is a bijection of its bits, so any change of
-a single element changes the checksum; larger damage goes unnoticed with probability
-about 2^-64. This detects damage to stored data; it is no defence against tampering.
+2^32 of a mixed hash of every element's bits and its row-major position. A sum does not
+depend on the order in which its parts are added, so every shard is hashed on a device
+that holds it, by the one process that holds its first replica, and the partial sums are
+added on the host (across processes: one all-gather of a few numbers per array). No
+array leaves its device, every shard is hashed once, no device program communicates
+(collectives dispatched back to back can deadlock XLA's CPU backend), and the result
+does not depend on the sharding or the number of devices. Each element's term is a
+bijection of its bits, so any change of a single element changes the checksum; larger
+damage goes unnoticed with probability about 2^-64. This detects damage to stored data;
+it is no defence against tampering.
 """
 
-import functools
 import hashlib
 import json
 from typing import Any
@@ -21,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
-from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+from jax.experimental import multihost_utils
 
 ALGORITHM = "fmix32-sum-2x32"  # Recorded with the checksums, so a new one can be told apart.
 RECORD = "integrity"  # The metadata key of the record: algorithm, per-array checksums, digest.
@@ -49,60 +51,63 @@ def _words(x: jax.Array) -> jax.Array:
     return jax.lax.bitcast_convert_type(x, _UNSIGNED[size]).astype(jnp.uint32)
 
 
-def _positions(shape: tuple[int, ...]) -> jax.Array:
-    """uint32 row-major index of every element (modulo 2^32), computed per shard by XLA."""
-    index = jnp.zeros(shape, jnp.uint32)
-    stride = 1
-    for axis in reversed(range(len(shape))):
-        index = index + jax.lax.broadcasted_iota(jnp.uint32, shape, axis) * np.uint32(
-            stride % 2**32)
-        stride *= shape[axis]
-    return index
+@jax.jit
+def _shard_lanes(shard: jax.Array, starts: jax.Array, strides: jax.Array) -> jax.Array:
+    """uint32[2]: both lanes' partial sums over one shard, whose words start at `starts`
+    (uint32[ndim]) in an array of row-major `strides` (uint32[ndim], in words)."""
+    words = _words(shard)
+    index = jnp.zeros(words.shape, jnp.uint32)
+    for axis in range(words.ndim):
+        index = index + (jax.lax.broadcasted_iota(jnp.uint32, words.shape, axis)
+                         + starts[axis]) * strides[axis]
+    mixed = words ^ _fmix32(index * _GOLDEN)
+    return jnp.stack([jnp.sum(_fmix32(lane), dtype=jnp.uint32)
+                      for lane in (mixed, mixed ^ _LANE_SALT)])
 
 
-def _leaf_checksum(x: jax.Array) -> jax.Array:
-    """uint32[2]: the two lanes of one array's checksum."""
-    words = _words(jnp.asarray(x))
-    mixed = words ^ _fmix32(_positions(words.shape) * _GOLDEN)
-    lanes = [_fmix32(mixed), _fmix32(mixed ^ _LANE_SALT)]
-    return jnp.stack([jnp.sum(lane, dtype=jnp.uint32) for lane in lanes])
+def _layout(index: tuple, shape: tuple[int, ...], dtype) -> tuple[np.ndarray, np.ndarray]:
+    """(starts, strides) in words, modulo 2^32, of the shard at `index` (slices)."""
+    starts, shape = [s.start or 0 for s in index], list(shape)
+    if np.dtype(dtype).itemsize == 8:  # _words adds a trailing axis of two words.
+        starts, shape = starts + [0], shape + [2]
+    strides = [int(np.prod(shape[axis + 1:], dtype=np.uint64)) for axis in range(len(shape))]
+    as_words = lambda v: np.array([n % 2**32 for n in v], np.uint32)
+    return as_words(starts), as_words(strides)
 
 
-def _split(x: Any) -> NamedSharding | None:
-    """For an array replicated over a mesh, a sharding that splits its largest dimension
-    divisible by the mesh size over every device (a local slice, no communication), so
-    that each device hashes a part rather than all of it; otherwise None."""
-    sharding = getattr(x, "sharding", None)
-    if not (isinstance(sharding, NamedSharding) and sharding.is_fully_replicated
-            and sharding.mesh.size > 1
-            and all(t == AxisType.Auto for t in sharding.mesh.axis_types)):
-        return None
-    dims = [d for d, n in enumerate(x.shape) if n % sharding.mesh.size == 0]
-    if not dims:
-        return None
-    split = max(dims, key=lambda d: x.shape[d])
-    return NamedSharding(sharding.mesh, P(*(sharding.mesh.axis_names if d == split else None
-                                             for d in range(x.ndim))))
-
-
-@functools.partial(jax.jit, static_argnums=1)
-def _lanes(x: jax.Array, split: NamedSharding | None) -> jax.Array:
-    if split is not None:
-        x = jax.lax.with_sharding_constraint(x, split)
-    return _leaf_checksum(x)
+def _local_partial_sums(x: Any, which: int) -> list[jax.Array]:
+    """Partial sums (still on their devices) over the shards of x that this process
+    hashes: one copy of every shard whose first replica it holds. Copies rotate over
+    its devices with `which`, so that replicated arrays spread the work."""
+    if not isinstance(x, jax.Array):
+        x = jnp.asarray(x)
+    copies = {}
+    for shard in x.addressable_shards:
+        copies.setdefault(str(shard.index), []).append(shard)
+    sums = []
+    for shards in copies.values():
+        if any(shard.replica_id == 0 for shard in shards):
+            shard = shards[which % len(shards)]
+            starts, strides = _layout(shard.index, x.shape, x.dtype)
+            sums.append(_shard_lanes(shard.data, starts, strides))
+    return sums
 
 
 def tree_checksums(tree: Any) -> dict[str, str]:
     """'path.to.leaf' (orbax's flat names) -> 16 hex digits, for every array leaf.
 
-    One small program per distinct shape, dtype and sharding (a tree-wide program takes
-    XLA far longer to compile), all dispatched before any result is read. A collective
-    in a multi-process job: every process calls it with its global arrays.
+    Every shard's program is dispatched before any result is read. A collective in a
+    multi-process job: every process calls it with its global arrays.
     """
-    lanes = {name: _lanes(x, _split(x))
-             for name, x in ocp.tree.to_flat_dict(tree, sep=".").items()}
-    return {name: "".join(f"{int(w):08x}" for w in np.asarray(value.addressable_data(0)))
-            for name, value in lanes.items()}
+    flat = ocp.tree.to_flat_dict(tree, sep=".")
+    partial = [_local_partial_sums(x, i) for i, x in enumerate(flat.values())]
+    sums = np.zeros((len(flat), 2), np.uint64)
+    for i, parts in enumerate(partial):
+        for part in parts:
+            sums[i] = (sums[i] + np.asarray(part, np.uint64)) % 2**32
+    if jax.process_count() > 1:
+        sums = np.asarray(multihost_utils.process_allgather(sums), np.uint64).sum(0) % 2**32
+    return {name: "".join(f"{int(w):08x}" for w in lanes) for name, lanes in zip(flat, sums)}
 
 
 def json_digest(value: Any) -> str:
