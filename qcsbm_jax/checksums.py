@@ -4,11 +4,11 @@ record a checkpoint keeps in its metadata (`seal` when saving, `verify` when res
 Each leaf gets a 64-bit checksum (16 hex digits): two 32-bit lanes, each the sum modulo
 2^32 of a mixed hash of every element's bits and its row-major position. A sum does not
 depend on the order in which its parts are added, so every shard is hashed on a device
-that holds it, by the one process that holds its first replica, and the partial sums are
-added on the host (across processes: one all-gather of a few numbers per array). No
-array leaves its device, every shard is hashed once, no device program communicates
-(collectives dispatched back to back can deadlock XLA's CPU backend), and the result
-does not depend on the sharding or the number of devices. Each element's term is a
+that holds it, by the one process that holds its first replica (a replicated array: by
+every process, on one of its devices), and the partial sums are added on the host (across
+processes: one all-gather of a few numbers per array). No array leaves its device, no
+device program communicates (collectives dispatched back to back can deadlock XLA's CPU
+backend), and the result does not depend on the sharding or the number of devices. Each element's term is a
 bijection of its bits, so any change of a single element changes the checksum; larger
 damage goes unnoticed with probability about 2^-64. This detects damage to stored data;
 it is no defence against tampering.
@@ -51,8 +51,7 @@ def _words(x: jax.Array) -> jax.Array:
     return jax.lax.bitcast_convert_type(x, _UNSIGNED[size]).astype(jnp.uint32)
 
 
-@jax.jit
-def _shard_lanes(shard: jax.Array, starts: jax.Array, strides: jax.Array) -> jax.Array:
+def _lanes(shard: jax.Array, starts, strides) -> jax.Array:
     """uint32[2]: both lanes' partial sums over one shard, whose words start at `starts`
     (uint32[ndim]) in an array of row-major `strides` (uint32[ndim], in words)."""
     words = _words(shard)
@@ -75,12 +74,24 @@ def _layout(index: tuple, shape: tuple[int, ...], dtype) -> tuple[np.ndarray, np
     return as_words(starts), as_words(strides)
 
 
-def _local_partial_sums(x: Any, which: int) -> list[jax.Array]:
-    """Partial sums (still on their devices) over the shards of x that this process
-    hashes: one copy of every shard whose first replica it holds. Copies rotate over
-    its devices with `which`, so that replicated arrays spread the work."""
+_shard_lanes = jax.jit(_lanes)
+
+
+@jax.jit
+def _array_lanes(x: jax.Array) -> jax.Array:
+    return _lanes(x, *_layout((slice(None),) * x.ndim, x.shape, x.dtype))
+
+
+def _local_partial_sums(x: Any, which: int) -> tuple[list[jax.Array], bool]:
+    """(partial sums still on their devices, whether other processes add theirs).
+
+    A replicated array: this process's copy on one of its devices (rotating with
+    `which`, to spread the work), hashed whole. Otherwise one copy of every shard
+    whose first replica this process holds."""
     if not isinstance(x, jax.Array):
         x = jnp.asarray(x)
+    if x.sharding.is_fully_replicated:
+        return [_array_lanes(x.addressable_data(which % len(x.addressable_shards)))], False
     copies = {}
     for shard in x.addressable_shards:
         copies.setdefault(str(shard.index), []).append(shard)
@@ -88,25 +99,27 @@ def _local_partial_sums(x: Any, which: int) -> list[jax.Array]:
     for shards in copies.values():
         if any(shard.replica_id == 0 for shard in shards):
             shard = shards[which % len(shards)]
-            starts, strides = _layout(shard.index, x.shape, x.dtype)
-            sums.append(_shard_lanes(shard.data, starts, strides))
-    return sums
+            sums.append(_shard_lanes(shard.data, *_layout(shard.index, x.shape, x.dtype)))
+    return sums, True
 
 
 def tree_checksums(tree: Any) -> dict[str, str]:
     """'path.to.leaf' (orbax's flat names) -> 16 hex digits, for every array leaf.
 
-    Every shard's program is dispatched before any result is read. A collective in a
+    Every program is dispatched before any result is read. A collective in a
     multi-process job: every process calls it with its global arrays.
     """
     flat = ocp.tree.to_flat_dict(tree, sep=".")
     partial = [_local_partial_sums(x, i) for i, x in enumerate(flat.values())]
     sums = np.zeros((len(flat), 2), np.uint64)
-    for i, parts in enumerate(partial):
-        for part in parts:
-            sums[i] = (sums[i] + np.asarray(part, np.uint64)) % 2**32
+    for i, (parts, _) in enumerate(partial):
+        for part in jax.device_get(parts):
+            sums[i] = (sums[i] + part) % 2**32
     if jax.process_count() > 1:
-        sums = np.asarray(multihost_utils.process_allgather(sums), np.uint64).sum(0) % 2**32
+        split = np.array([[shared] for _, shared in partial])
+        everyone = np.asarray(multihost_utils.process_allgather(np.where(split, sums, 0)),
+                              np.uint64).sum(0) % 2**32
+        sums = np.where(split, everyone, sums)
     return {name: "".join(f"{int(w):08x}" for w in lanes) for name, lanes in zip(flat, sums)}
 
 
