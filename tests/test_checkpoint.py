@@ -367,16 +367,18 @@ def test_saved_metadata_holds_a_checksum_of_every_array(tmp_path):
 def test_no_unraisable_noise_after_a_failed_read(tmp_path, monkeypatch):
     """Defect: an 'Event loop is closed' traceback preceded the corrupt-checkpoint error
     (tensorstore callbacks of the failed read, reported as unraisable exceptions)."""
-    with checkpoint.Checkpointer(tmp_path) as ckpt:
+    with checkpoint.Checkpointer(tmp_path / "saved") as ckpt:
         ckpt.save(1, BIG, metadata={})
-    os.remove(_largest_array_file(os.path.join(tmp_path, "checkpoints", "1")))
     reported = []
     monkeypatch.setattr(sys, "unraisablehook", reported.append)
-    with checkpoint.Checkpointer(tmp_path) as ckpt:
-        with pytest.raises(checkpoint.CorruptCheckpointError):
-            ckpt.restore(jax.eval_shape(lambda: BIG))
-    time.sleep(0.5)
-    gc.collect()
+    for copy in "abcd":  # Callbacks left by one read may show up during the next.
+        shutil.copytree(tmp_path / "saved", tmp_path / copy)
+        os.remove(_largest_array_file(os.path.join(tmp_path, copy, "checkpoints", "1")))
+        with checkpoint.Checkpointer(tmp_path / copy) as ckpt:
+            with pytest.raises(Exception):  # Which: test_missing_or_truncated_array_file...
+                ckpt.restore(jax.eval_shape(lambda: BIG))
+        time.sleep(0.3)
+        gc.collect()
     assert [str(r.exc_value) for r in reported] == []
 
 
