@@ -3,8 +3,10 @@
 Modes: train (resumes from DIR when it holds checkpoints), eval (writes
 DIR/eval/metrics.json and plots), sample (writes DIR/samples/samples.npz and a PNG), and
 all (train, then eval, then sample). Any config value can be overridden with
---config.a.b=value; an unknown key is an error that lists the valid ones. DIR may be a
-local path or a gs:// URL.
+--config.a.b=value; an unknown key or a value of the wrong type is one line that says so.
+The config, the devices and DIR are checked before anything is built or written. DIR may
+be a local path or a gs:// URL; one training at a time holds it (DIR/training.lock), and
+damaged checkpoints are set aside (docs/robustness.md).
 
 Several processes (hosts) run the same command; JAX's distributed runtime starts when the
 job has several: on a TPU pod (--distributed=tpu), under srun (detected), or with
@@ -207,8 +209,8 @@ def _parse_flags(argv: list[str]) -> list[str]:
                 default = _value_at(_load_config_file(spec), key)
                 raise SystemExit(_wrong_type_message(key, value, default)) from None
         raise SystemExit(f"Bad command-line flag: {error}") from None
-    tuples = [(key, value) for key, value in _overrides(argv)
-              if isinstance(_value_at(_CONFIG.value, key), tuple)]
+    tuples = [(key, value) for key, value in _overrides(argv) if _CONFIG.value is not None
+              and isinstance(_value_at(_CONFIG.value, key), tuple)]
     if tuples:  # Only then is the config file loaded a second time.
         defaults = _load_config_file(_config_spec(argv))
         for key, value in tuples:
