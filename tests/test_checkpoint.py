@@ -226,14 +226,14 @@ def test_damaged_newest_step_is_set_aside_by_a_writer_and_refused_read_only(
     with checkpoint.Checkpointer(tmp_path) as ckpt:
         with pytest.raises(checkpoint.CorruptCheckpointError) as error:
             ckpt.restore(abstract(make_state()))
-        message = str(error.value)
-        assert message.startswith(prefix) and advice in message
+        assert str(error.value).startswith(prefix) and advice in str(error.value)
         restored, metadata = ckpt.restore_latest_valid(abstract(make_state()))
         assert ckpt.all_steps() == [1]
     assert_trees_equal(restored, make_state(1))
     assert metadata[checkpoint.RESTORED_FROM] == os.path.join(directory, "1")
     aside = os.path.join(tmp_path, checkpoint.DAMAGED_DIR, "2")
-    assert message in caplog.text
+    assert prefix in caplog.text and advice in caplog.text  # The reason may name another
+    # array: which read fails first varies.
     assert f"Set aside the damaged step 2 as {aside}; it is never resumed from" in caplog.text
     assert "Falling back to step 1" in caplog.text
     assert sorted(os.listdir(directory)) == ["1"] and os.path.isdir(aside)
