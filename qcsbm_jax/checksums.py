@@ -8,10 +8,10 @@ that holds it, by the one process that holds its first replica (a replicated arr
 every process, on one of its devices), and the partial sums are added on the host (across
 processes: one all-gather of a few numbers per array). No array leaves its device, no
 device program communicates (collectives dispatched back to back can deadlock XLA's CPU
-backend), and the result does not depend on the sharding or the number of devices. Each element's term is a
-bijection of its bits, so any change of a single element changes the checksum; larger
-damage goes unnoticed with probability about 2^-64. This detects damage to stored data;
-it is no defence against tampering.
+backend), and the result does not depend on the sharding or the number of devices. Each
+element's term is a bijection of its bits, so any change of a single element changes the
+checksum; larger damage goes unnoticed with probability about 2^-64. This detects damage
+to stored data; it is no defence against tampering.
 """
 
 import hashlib
