@@ -1,26 +1,39 @@
-"""Checkpoints you can trust: orbax CheckpointManager with clear failures.
+"""Checkpoints you can trust: orbax CheckpointManager, verified contents, clear failures.
 
 Layout: WORKDIR/checkpoints/<step>/{state, metadata}. `state` is the training pytree
 (orbax StandardSave), `metadata` a JSON dict (the run's config and model signature, and an
-optional NOTE for whoever restores it).
+optional NOTE for whoever restores it) plus an integrity record: a content checksum of every array (checksums.py, computed on the
+devices that hold the arrays) and a digest of the metadata itself. Every restore checks
+them, so damaged data are never restored silently; steps written before the record
+existed are restored with a warning that they are not verified.
+A step that cannot be read or does not verify raises CorruptCheckpointError naming its
+directory and what is wrong. restore_latest_valid of a writer (training) then falls back
+to the newest step that verifies and moves the damaged ones to WORKDIR/damaged_checkpoints,
+from which nothing is ever resumed; a read-only Checkpointer (evaluation, init_from)
+refuses with the same message. Nothing is deleted.
 A read-only Checkpointer restores parts of a stored state (e.g. only the parameters of
 another run, for a fine-tune) without reading the rest.
 Orbax writes each step to `<step>.orbax-checkpoint-tmp` and renames it when complete, so
 a killed save leaves no finalized step; such leftovers are ignored, never deleted here.
 Typed PRNG keys are stored as their uint32 key data and re-wrapped with the dtype of the
 restore target, so callers pass their state as-is. All I/O goes through the manager,
-which coordinates processes itself.
+which coordinates processes itself; every process reaches the same verdict on a step.
 """
 
 import json
 import logging as std_logging
 import os
+import sys
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
+from jax.experimental import multihost_utils
+
+from qcsbm_jax import checksums
 
 STATE = "state"
 METADATA = "metadata"
@@ -28,11 +41,17 @@ RESTORED_FROM = "restored_from"  # Added to restored metadata: the step director
 # Optional metadata entry: what the checkpoint holds and how to use it, shown when it does
 # not fit a restore (e.g. an import holding parameters only, restored to resume training).
 NOTE = "note"
+INTEGRITY = checksums.RECORD  # Reserved metadata key: checksums and digest (module doc).
+DAMAGED_DIR = "damaged_checkpoints"  # WORKDIR/damaged_checkpoints/<step>: set aside.
 _MAX_LISTED = 10
 READ_ONLY_ADVICE = "Point at another run of this model (same network, family and data)."
-# What orbax/tensorstore raise for missing, truncated or garbled files. Anything else
-# (e.g. running out of device memory) is not a damaged checkpoint and propagates as is.
-_READ_ERRORS = (OSError, ValueError, KeyError)
+# What orbax/tensorstore raise for missing, truncated or garbled files; orbax wraps some
+# of them in a bare Exception (see _read_problem). Anything else (e.g. running out of
+# device memory) is not a damaged checkpoint and propagates as is.
+_READ_ERRORS = (OSError, ValueError, KeyError, EOFError)
+# After a failed read, tensorstore callbacks still pending on the closed asyncio loop of
+# that read report these as "unraisable" tracebacks: noise after an error we report.
+_AFTER_FAILED_READ = ("Event loop is closed", "Encountered error while reading array")
 
 
 class CheckpointError(Exception):
@@ -107,6 +126,46 @@ def move_aside_advice(step_dir: str) -> str:
     failed for another reason), which makes the previous step the newest."""
     return (f"Move {step_dir} out of {os.path.dirname(step_dir)} (keep it until you know "
             "it is damaged) to fall back to the previous step, then rerun.")
+
+
+def _read_problem(error: Exception) -> tuple[str, BaseException]:
+    """(what failed, the underlying error) for an error that means unreadable files;
+    re-raises any other error. Orbax re-raises a failed array read as a bare Exception
+    whose cause is the tensorstore error (or whatever interrupted the read)."""
+    cause = error
+    while type(cause) is Exception and cause.__cause__ is not None:
+        cause = cause.__cause__
+    if not isinstance(cause, _READ_ERRORS):
+        raise cause
+    reason = (str(cause).splitlines() or [""])[0][:300]
+    return f"reading it failed ({type(cause).__name__}: {reason})", cause
+
+
+def _ignore_noise_after_failed_reads() -> None:
+    """Drops the unraisable tracebacks of _AFTER_FAILED_READ (once per process); every
+    other unraisable exception still reaches the previous hook."""
+    previous = sys.unraisablehook
+    if getattr(previous, "_drops_failed_read_noise", False):
+        return
+
+    def hook(unraisable):
+        if not str(unraisable.exc_value).startswith(_AFTER_FAILED_READ):
+            previous(unraisable)
+
+    hook._drops_failed_read_noise = True
+    sys.unraisablehook = hook
+
+
+def _all_processes(ok: bool) -> bool:
+    """Whether `ok` holds on every process of the job (a collective)."""
+    if jax.process_count() == 1:
+        return ok
+    return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
+
+
+def _sync(name: str) -> None:
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
 
 
 def check_compatible(saved_metadata: dict, current_metadata: dict,
@@ -189,59 +248,87 @@ class Checkpointer:
         """Starts saving; returns False when save_interval_steps skips this step (the
         first save into an empty directory always happens; force=True always saves).
 
-        The arrays are copied before this returns, so the caller may donate or delete
-        them; with async_save the files are written in the background (see wait()).
+        The arrays are checksummed on their devices and copied before this returns, so
+        the caller may donate or delete them; with async_save the files are written in
+        the background (see wait()). A collective: every process calls it.
         """
         if self._read_only:
             raise CheckpointError(f"{self.directory} was opened read-only; nothing is saved.")
-        args = ocp.args.Composite(**{STATE: ocp.args.StandardSave(_unwrap_keys(state)),
-                                     METADATA: ocp.args.JsonSave(metadata)})
+        if not (force or self._manager.should_save(step)):
+            return False
+        storage = _unwrap_keys(state)
+        sealed = checksums.seal(metadata, storage)
+        args = ocp.args.Composite(**{STATE: ocp.args.StandardSave(storage),
+                                     METADATA: ocp.args.JsonSave(sealed)})
         try:
             return self._manager.save(step, args=args, force=force)
         except ocp.checkpoint_manager.StepAlreadyExistsError as e:
             raise CheckpointError(
-                f"{self.step_dir(step)} already exists. If it is a damaged checkpoint that "
-                f"restore_latest_valid skipped: {move_aside_advice(self.step_dir(step))}"
-                ) from e
+                f"{self.step_dir(step)} already exists and is never overwritten. If it is "
+                f"damaged: {move_aside_advice(self.step_dir(step))}") from e
 
     def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict]:
         """Restores `step` (default: the newest) onto the shapes, dtypes and shardings of
         `abstract_state` (ShapeDtypeStructs or arrays; read-only: a dict of some top-level
-        entries, leaves without a sharding come back as NumPy arrays). Returns (state,
-        metadata), the metadata with RESTORED_FROM added.
+        entries, leaves without a sharding come back as NumPy arrays) and verifies the
+        contents against the checksums saved with them. Returns (state, metadata), the
+        metadata with RESTORED_FROM added. A collective: every process calls it.
 
         Raises IncompatibleCheckpointError if the stored tree does not match the target,
-        CorruptCheckpointError if the step directory cannot be read.
+        CorruptCheckpointError if the step cannot be read or does not verify.
         """
+        _ignore_noise_after_failed_reads()
         step = self._existing_step(step)
         target = _storage_target(abstract_state)
-        self._check_fits(step, target)
-        if self._read_only:
-            state_args = ocp.args.PyTreeRestore(
-                target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-                partial_restore=True)
-        else:
-            state_args = ocp.args.StandardRestore(target)
-        args = ocp.args.Composite(**{STATE: state_args, METADATA: ocp.args.JsonRestore()})
+        problem, cause = None, None
         try:
-            restored = self._manager.restore(step, args=args)
-            metadata = dict(restored[METADATA])
-        except _READ_ERRORS as e:
-            raise self._corrupt(step, e) from e
+            self._check_fits(step, target)
+            restored = self._manager.restore(step, args=self._restore_args(target))
+            metadata = restored[METADATA]
+            if not isinstance(metadata, dict):
+                raise ValueError(f"{METADATA}/{METADATA} holds no JSON object")
+        except Exception as error:  # pylint: disable=broad-except; _read_problem re-raises
+            problem, cause = _read_problem(error)
+        if not _all_processes(problem is None):
+            raise self._corrupt(step, problem or "another process of the job could not "
+                                "read it (see its log)") from cause
+        metadata = dict(metadata)
+        problem = checksums.verify(metadata, restored[STATE], self.step_dir(step))
+        if problem:
+            raise self._corrupt(step, problem)
         metadata[RESTORED_FROM] = self.step_dir(step)
         return _wrap_keys(restored[STATE], abstract_state), metadata
 
     def restore_latest_valid(self, abstract_state: Any) -> tuple[Any, dict]:
-        """restore() of the newest step that is not corrupt; warns about skipped ones."""
+        """restore() of the newest step that verifies.
+
+        Training (a writable Checkpointer) falls back past damaged steps, warning about
+        each, and moves them to WORKDIR/damaged_checkpoints once an older step verifies
+        (if none does, nothing is moved and CorruptCheckpointError lists them). A
+        read-only Checkpointer restores the newest step or raises its error: evaluating
+        or fine-tuning an older step than the newest is left to the user.
+        """
         steps = self._existing_steps()
+        if self._read_only:
+            return self.restore(abstract_state, steps[-1])
+        damaged = []
         for step in reversed(steps):
             try:
-                return self.restore(abstract_state, step)
+                result = self.restore(abstract_state, step)
             except CorruptCheckpointError as e:
-                logging.warning("%s Trying the previous step.", e)
+                logging.warning("%s", e)
+                damaged.append(step)
+                continue
+            for bad in damaged:
+                logging.warning("Set aside the damaged step %d as %s; it is never resumed "
+                                "from.", bad, self._set_aside(bad))
+            if damaged:
+                logging.warning("Falling back to step %d, the newest checkpoint in %s that "
+                                "verifies.", step, self.directory)
+            return result
         raise CorruptCheckpointError(
-            f"Every checkpoint in {self.directory} (steps {steps}) is damaged; see the "
-            f"warnings above. {self._advice}")
+            f"No checkpoint in {self.directory} can be restored (steps {steps}; what is "
+            f"wrong with each is in the warnings above); nothing was moved. {self._advice}")
 
     def metadata(self, step: int | None = None) -> dict:
         """The metadata of `step` (default: the newest), with RESTORED_FROM added; the
@@ -280,15 +367,21 @@ class Checkpointer:
                 f"No checkpoint for step {step} in {self.directory}; it has {steps}.")
         return step
 
+    def _restore_args(self, target: Any) -> ocp.args.Composite:
+        if self._read_only:
+            state_args = ocp.args.PyTreeRestore(
+                target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                partial_restore=True)
+        else:
+            state_args = ocp.args.StandardRestore(target)
+        return ocp.args.Composite(**{STATE: state_args, METADATA: ocp.args.JsonRestore()})
+
     def _check_fits(self, step: int, target: Any) -> None:
         """Compares the stored tree's paths, shapes and dtypes with the target's (orbax
         would silently cast dtypes, and its errors do not tell damage from mismatch)."""
-        try:
-            stored = self._manager.item_metadata(step)[STATE]
-        except _READ_ERRORS as e:
-            raise self._corrupt(step, e) from e
+        stored = self._manager.item_metadata(step)[STATE]
         if stored is None:
-            raise self._corrupt(step, FileNotFoundError("no readable state metadata"))
+            raise FileNotFoundError(f"{STATE}/_METADATA is missing or unreadable")
         stored = stored.tree
         if self._read_only:
             stored = {key: value for key, value in stored.items() if key in target}
@@ -306,9 +399,26 @@ class Checkpointer:
         except CheckpointError:
             return None
 
-    def _corrupt(self, step: int, error: Exception) -> CorruptCheckpointError:
-        reason = (str(error).splitlines() or [""])[0][:300]
+    def _corrupt(self, step: int, problem: str) -> CorruptCheckpointError:
+        step_dir = self.step_dir(step)
         return CorruptCheckpointError(
-            f"The checkpoint {self.step_dir(step)} could not be read "
-            f"({type(error).__name__}: {reason}); it looks incomplete or damaged. "
-            f"{move_aside_advice(self.step_dir(step))}")
+            f"The checkpoint {step_dir} is damaged or incomplete: {problem}. Training on "
+            f"this workdir sets it aside (in {self._damaged_dir()}) and resumes from the "
+            f"newest step that verifies. {move_aside_advice(step_dir)}")
+
+    def _damaged_dir(self) -> str:
+        return os.path.join(os.path.dirname(self.directory), DAMAGED_DIR)
+
+    def _set_aside(self, step: int) -> str:
+        """Moves a damaged step to WORKDIR/damaged_checkpoints/<step>[.n] (process 0, the
+        others wait); returns the new path."""
+        names = [str(step)] + [f"{step}.{n}" for n in range(2, 1000)]
+        aside = epath.Path(self._damaged_dir())
+        _sync(f"before setting aside step {step}")
+        destination = next(aside / name for name in names if not (aside / name).exists())
+        if jax.process_index() == 0:
+            aside.mkdir(parents=True, exist_ok=True)
+            epath.Path(self.step_dir(step)).rename(destination)
+        _sync(f"set aside step {step}")
+        self._manager.reload()
+        return os.fspath(destination)

@@ -240,3 +240,72 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if config.loss.qc_weight > 0 and config.model.family == "constrained":
         raise ValueError("A constrained (energy) model is conservative by construction; "
                          "set --config.loss.qc_weight=0 or use model.family=unconstrained.")
+    _check_numbers(config)
+
+
+# Integer settings (where a config has them) and their smallest valid value.
+_MINIMUM_INTS = {
+    "seed": 0, "data.seed": 0, "data.num_points": 1,
+    "loss.num_probes": 1, "loss.qc_every": 1, "optim.warmup_steps": 0,
+    "training.batch_size": 1, "training.num_steps": 1, "training.log_every": 1,
+    "training.checkpoint_every": 1, "training.keep_checkpoints": 1,
+    "sampling.num_samples": 1, "sampling.num_steps": 1, "sampling.corrector_steps": 0,
+    "sampling.batch_size": 1,
+    "eval.num_points": 1, "eval.num_test": 0, "eval.num_levels": 1, "eval.batch_size": 1,
+    "eval.score_error_points": 1, "eval.num_samples": 0, "eval.pr_k": 1, "eval.seed": 0,
+    "eval.watch_timeout": 0, "parallel.model_axis": 1,
+}
+# Float settings that must be positive, and those in [0, 1).
+_POSITIVE = ("optim.learning_rate", "optim.adam_eps", "loss.eps", "sampling.rtol",
+             "sampling.atol", "sampling.eps", "eval.rtol", "eval.atol", "eval.eps")
+_FRACTIONS = ("optim.b1", "optim.b2", "optim.ema_decay")
+
+
+def _lookup(config: ml_collections.ConfigDict, key: str):
+    """config's value at 'a.b', or KeyError."""
+    node = config
+    for part in key.split("."):
+        node = node[part]
+    return node
+
+
+def _check_numbers(config: ml_collections.ConfigDict) -> None:
+    """Raises ValueError naming the key for a count, size or rate out of its range."""
+    for key, minimum in _MINIMUM_INTS.items():
+        try:
+            value = _lookup(config, key)
+        except KeyError:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ValueError(f"--config.{key}={value!r} is not valid; it must be an "
+                             f"integer >= {minimum}.")
+    checks = [(key, lambda v: v > 0, "> 0") for key in _POSITIVE] + [
+        (key, lambda v: 0 <= v < 1, "in [0, 1)") for key in _FRACTIONS]
+    for key, valid, expected in checks:
+        try:
+            value = _lookup(config, key)
+        except KeyError:
+            continue
+        if not valid(value):
+            raise ValueError(f"--config.{key}={value!r} is not valid; it must be {expected}.")
+    qc_fraction = config.loss.get("qc_fraction", 1.0)
+    if not 0 < qc_fraction <= 1:
+        raise ValueError(f"--config.loss.qc_fraction={qc_fraction!r} is not valid; it must "
+                         "be in (0, 1].")
+
+
+def check_devices(config: ml_collections.ConfigDict, num_devices: int,
+                  num_processes: int = 1) -> None:
+    """Raises ValueError unless the mesh and the training batch fit the job's devices and
+    processes (what parallel.make_mesh and parallel.check_batch_size check later)."""
+    data_axis, model_axis = config.parallel.data_axis, config.parallel.model_axis
+    if num_devices % model_axis or data_axis not in (-1, num_devices // model_axis):
+        raise ValueError(
+            f"--config.parallel.data_axis={data_axis} x --config.parallel.model_axis="
+            f"{model_axis} does not match the {num_devices} devices; make their product "
+            "the device count (data_axis=-1 takes what model_axis leaves).")
+    batch = config.training.batch_size
+    if batch % num_devices or batch % num_processes:
+        raise ValueError(
+            f"--config.training.batch_size={batch} must be divisible by the number of "
+            f"devices ({num_devices}) and of processes ({num_processes}) of this job.")

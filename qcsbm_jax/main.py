@@ -16,9 +16,11 @@ cifar10_usbm_ddpmpp.py (images), with variants:
 Samplers (--config.sampling.method): pc, ode (adaptive RK45), euler, heun,
 edm_stochastic, dpm_solver_2m, euler_maruyama (sampling.num_steps). Typical times: see
 README.md ("Set-up" and "Image models").
-Any config value can be overridden with --config.a.b=value; an unknown key is an error
-that lists the valid ones. DIR may be a local path or a gs:// URL. Every run ends with a
-list of where its outputs are.
+Any config value can be overridden with --config.a.b=value; an unknown key or a value of
+the wrong type is one line that says so. The config, the devices and DIR are checked
+before anything is built or written. DIR may be a local path or a gs:// URL; one training
+at a time holds it (DIR/training.lock), and damaged checkpoints are set aside
+(docs/robustness.md). Every run ends with a list of where its outputs are.
 
 Several processes (hosts) run the same command; JAX's distributed runtime starts when the
 job has several: on a TPU pod (--distributed=tpu), under srun (detected), or with
@@ -30,6 +32,7 @@ import importlib.util
 import logging as std_logging
 import os
 import signal
+import tempfile
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -75,16 +78,26 @@ def main(argv):
             heartbeat_timeout_s=_HEARTBEAT.value)
     except ValueError as error:
         raise app.UsageError(str(error)) from None
-    from qcsbm_jax import config as config_lib, train
-    from qcsbm_jax.evaluation import runner
+    import jax
+    from qcsbm_jax import checkpoint, config as config_lib, workdir_lock
 
     config = _CONFIG.value
-    config_lib.validate(config)
-    workdir = _WORKDIR.value
-    if "://" not in workdir:  # A local path; URLs such as gs://bucket/run are kept as is.
-        workdir = os.path.abspath(workdir)
-        os.makedirs(workdir, exist_ok=True)
-    mode = _MODE.value
+    try:  # Everything is checked before anything is built or written.
+        config_lib.validate(config)
+        config_lib.check_devices(config, jax.device_count(), jax.process_count())
+        workdir = _prepare_workdir(_WORKDIR.value)
+    except ValueError as error:
+        raise SystemExit(str(error)) from None
+    try:  # These errors say all there is to say; no traceback.
+        _run_mode(_MODE.value, config, workdir)
+    except (checkpoint.CheckpointError, workdir_lock.WorkdirLockedError) as error:
+        raise SystemExit(str(error)) from None
+
+
+def _run_mode(mode: str, config, workdir: str) -> None:
+    from qcsbm_jax import train
+    from qcsbm_jax.evaluation import runner
+
     outputs = []
     if mode in ("train", "all"):
         state = train.train(config, workdir)
@@ -104,6 +117,27 @@ def main(argv):
     logging.info("Done. Outputs:\n  %s", "\n  ".join(outputs))
 
 
+def _prepare_workdir(workdir: str) -> str:
+    """The workdir, made absolute and created, after checking that it is a directory this
+    process can write in (URLs such as gs://bucket/run are kept as they are)."""
+    if "://" in workdir:
+        return workdir
+    workdir = os.path.abspath(workdir)
+    flag = f"--workdir={workdir}"
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise ValueError(f"{flag} is a file, not a directory; give a directory (it is "
+                         "created if missing).")
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        with tempfile.TemporaryFile(dir=workdir):
+            pass
+    except OSError as error:
+        raise ValueError(f"{flag} is not a directory this process can write in "
+                         f"({error.strerror or error}); fix its permissions or choose "
+                         "another.") from None
+    return workdir
+
+
 def _load_config_file(spec: str):
     """Loads 'path/to/config.py[:variant]' the way --config does."""
     path, _, variant = spec.partition(":")
@@ -113,11 +147,29 @@ def _load_config_file(spec: str):
     return module.get_config(variant) if variant else module.get_config()
 
 
-def _unknown_override_message(argv: list[str]) -> str | None:
-    """Names the first --config.a.b override whose key does not exist, with valid keys."""
+def _config_spec(argv: list[str]) -> str | None:
+    """The --config file spec ('path.py[:variant]') of a command line."""
     spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
     if spec is None and "--config" in argv:
         spec = argv[argv.index("--config") + 1]
+    return spec
+
+
+def _overrides(argv: list[str]) -> list[tuple[str, str]]:
+    """(key 'a.b', value text) of every --config.a.b=value."""
+    return [tuple(a[len("--config."):].split("=", 1)) for a in argv
+            if a.startswith("--config.") and "=" in a]
+
+
+def _value_at(config, key: str):
+    for part in key.split("."):
+        config = config[part]
+    return config
+
+
+def _unknown_override_message(argv: list[str]) -> str | None:
+    """Names the first --config.a.b override whose key does not exist, with valid keys."""
+    spec = _config_spec(argv)
     if spec is None:
         return None
     config = _load_config_file(spec)
@@ -135,13 +187,59 @@ def _unknown_override_message(argv: list[str]) -> str | None:
     return None
 
 
+def _expected_type(value) -> str:
+    """How to write a value like the config's `value` on the command line."""
+    if isinstance(value, bool):
+        return "true or false"
+    if type(value) in (int, float, str):
+        return {int: "an integer", float: "a number", str: "a string"}[type(value)]
+    if isinstance(value, tuple):
+        plural = {bool: "true/false values", int: "integers", float: "numbers", str: "strings"}
+        kinds = " and ".join(sorted({plural.get(type(v), "values") for v in value}))
+        return f"a tuple of {kinds or 'values'}, such as {value!r}"
+    return type(value).__name__
+
+
+def _wrong_type_message(key: str, value: str, default) -> str:
+    if hasattr(default, "keys"):
+        return (f"--config.{key}={value} has the wrong type: {key} is a group of settings; "
+                f"set them one by one, e.g. --config.{key}.{min(default)}=...")
+    return (f"--config.{key}={value} has the wrong type: {key} takes "
+            f"{_expected_type(default)}.")
+
+
+def _tuple_elements_fit(value: tuple, default: tuple) -> bool:
+    """absl checks scalar overrides, not the elements of a tuple: ('abc',) parses."""
+    kinds = {type(d) for d in default}
+    return not kinds or all(type(v) in kinds or (type(v) is int and float in kinds)
+                            for v in value)
+
+
 def _parse_flags(argv: list[str]) -> list[str]:
-    """absl flag parsing with one clear message for a misspelt --config.* key."""
+    """absl flag parsing with one clear line for a misspelt --config.* key or a value of
+    the wrong type (naming the key, the value and the type the key takes)."""
     try:
-        return flags.FLAGS(argv)
+        remaining = flags.FLAGS(argv)
     except (KeyError, AttributeError) as error:
         message = _unknown_override_message(argv)
         raise SystemExit(message or f"Bad command-line flag: {error}") from None
+    except flags.IllegalFlagValueError as error:
+        flag = str(error).removeprefix("flag --").split("=", 1)[0]
+        spec = _config_spec(argv)
+        for key, value in _overrides(argv):
+            if f"config.{key}" == flag and spec is not None:
+                default = _value_at(_load_config_file(spec), key)
+                raise SystemExit(_wrong_type_message(key, value, default)) from None
+        raise SystemExit(f"Bad command-line flag: {error}") from None
+    tuples = [(key, value) for key, value in _overrides(argv) if _CONFIG.value is not None
+              and isinstance(_value_at(_CONFIG.value, key), tuple)]
+    if tuples:  # Only then is the config file loaded a second time.
+        defaults = _load_config_file(_config_spec(argv))
+        for key, value in tuples:
+            default = _value_at(defaults, key)
+            if not _tuple_elements_fit(_value_at(_CONFIG.value, key), default):
+                raise SystemExit(_wrong_type_message(key, value, default))
+    return remaining
 
 
 def run():

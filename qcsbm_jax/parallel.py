@@ -176,11 +176,14 @@ def state_sharding(mesh: Mesh, tree: Any) -> Any:
 
 
 def check_batch_size(global_batch_size: int, mesh: Mesh, what: str = "batch size") -> None:
-    """Raises a clear error unless the batch splits evenly over devices and processes."""
-    if global_batch_size % mesh.size or global_batch_size % jax.process_count():
+    """Raises a clear error unless the batch is positive and splits evenly over devices
+    and processes."""
+    if (global_batch_size < 1 or global_batch_size % mesh.size
+            or global_batch_size % jax.process_count()):
         raise ValueError(
-            f"The {what} {global_batch_size} must be divisible by the {mesh.size} devices "
-            f"and the {jax.process_count()} processes; change it in the config.")
+            f"The {what} {global_batch_size} must be positive and divisible by the "
+            f"{mesh.size} devices and the {jax.process_count()} processes; change it in "
+            "the config.")
 
 
 def bucket_size(count: int, batch_size: int, mesh: Mesh) -> int:

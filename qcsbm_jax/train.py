@@ -15,7 +15,7 @@ import optax
 from absl import logging
 from clu import metric_writers, periodic_actions
 
-from qcsbm_jax import checkpoint, data, experiment, losses, parallel, streams
+from qcsbm_jax import checkpoint, data, experiment, losses, parallel, streams, workdir_lock
 
 
 @flax.struct.dataclass
@@ -182,24 +182,37 @@ def _mean_metrics(history: list[dict]) -> dict[str, float]:
     return {k: float(np.mean([m[k] for m in stacked])) for k in stacked[0]}
 
 
-def _check_finite(scalars: dict[str, float], step: int, workdir: str) -> None:
+def _check_finite(scalars: dict[str, float], step: int, workdir: str,
+                  resumed_from: str | None = None) -> None:
+    """Raises FloatingPointError if a step since the last report was not finite;
+    resumed_from: the checkpoint this run resumed from, if that is within the report."""
     if scalars["nonfinite"] > 0:
+        suspect = "" if resumed_from is None else (
+            f"This began right after resuming from {resumed_from}: if the run was finite "
+            "before that checkpoint was saved, the checkpoint may be damaged; "
+            f"{checkpoint.move_aside_advice(resumed_from)} Otherwise: ")
         raise FloatingPointError(
             f"The loss or its gradient became NaN/inf before step {step}; those updates "
             f"were skipped, so the parameters are the last finite ones and were saved in "
-            f"{workdir}/checkpoints. Lower --config.optim.learning_rate, keep "
+            f"{workdir}/checkpoints. {suspect}Lower --config.optim.learning_rate, keep "
             "--config.optim.grad_clip on, or check the data; then rerun to resume.")
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     """Trains from scratch, from config.training.init_from, or resumes from the newest
-    checkpoint in workdir; if that one cannot be read, raises CorruptCheckpointError naming
-    it rather than silently resuming from an older step. Raises Preempted after saving if
-    SIGTERM arrives."""
+    checkpoint in workdir that verifies (damaged newer ones are set aside, with warnings;
+    checkpoint.Checkpointer.restore_latest_valid). Holds the workdir's writer lock
+    (workdir_lock) throughout. Raises Preempted after saving if SIGTERM arrives."""
+    with workdir_lock.WorkdirLock(workdir):
+        return _train(config, workdir)
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     mesh = parallel.make_mesh(config.parallel.data_axis, config.parallel.model_axis)
     batch_size = config.training.batch_size
     parallel.check_batch_size(batch_size, mesh)
     _check_accumulation(batch_size, config.training.grad_accum_steps, mesh)
+    local_batch = data.make_train_batches(config)  # Bad data fail before the model is built.
     model = experiment.build_score_model(config)
     optimizer = make_optimizer(config.optim)
     loss_fn = losses.make_loss_fn(model.score_fn, model.sde, **config.loss)
@@ -217,8 +230,6 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
                           donate_argnums=0),
         grad_accum_steps=config.training.grad_accum_steps)
 
-    local_batch = data.make_train_batches(config)
-
     def batch_at(step: int) -> jax.Array:
         return parallel.global_batch(local_batch(step), mesh)
 
@@ -227,16 +238,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     num_steps = config.training.num_steps
     with checkpoint.Checkpointer(workdir, max_to_keep=config.training.keep_checkpoints) as ckpt, \
             parallel.PreemptionWatch() as preemption:
-        latest = ckpt.latest_step()
-        if latest is not None:
+        resumed_from = None
+        if ckpt.latest_step() is not None:
             state, saved = ckpt.restore_latest_valid(state)
             checkpoint.check_compatible(saved, metadata)
-            if int(state.step) != latest:
-                raise checkpoint.CorruptCheckpointError(
-                    f"The newest checkpoint {ckpt.step_dir(latest)} cannot be read (see the "
-                    f"warnings above); step {int(state.step)} can. Training does not skip "
-                    "steps silently: "
-                    f"{checkpoint.move_aside_advice(ckpt.step_dir(latest))}")
+            resumed_from = saved[checkpoint.RESTORED_FROM]
             logging.info("Resumed from step %d in %s.", int(state.step), workdir)
         else:
             if config.training.init_from:
@@ -264,7 +270,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
                     writer.write_scalars(done, scalars)
                     if scalars["nonfinite"] > 0:
                         _save(ckpt, state, metadata)
-                        _check_finite(scalars, done, workdir)
+                        _check_finite(scalars, done, workdir, resumed_from
+                                      if done - start <= config.training.log_every else None)
                 if done % config.training.checkpoint_every == 0 or done == num_steps:
                     _save(ckpt, state, metadata)
                 if preemption.reached(done):

@@ -117,3 +117,69 @@ def test_incomplete_multi_process_flags_are_one_clear_error(tmp_path):
     assert result.returncode != 0
     assert "--coordinator_address=HOST:PORT" in result.stderr and "--process_id" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+TOY = "--config=configs/toy/gaussians8_qcsbm.py:smoke"
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--config.training.batch_size=abc"],
+     "--config.training.batch_size=abc has the wrong type: training.batch_size takes an "
+     "integer."),
+    (["--config.model.widths=abc"],
+     "--config.model.widths=abc has the wrong type: model.widths takes a tuple of integers, "
+     "such as (64, 128, 256)."),
+    (["--config.training.num_steps=0", "--mode=all"],
+     "--config.training.num_steps=0 is not valid; it must be an integer >= 1."),
+    (["--config.training.batch_size=-8"],
+     "--config.training.batch_size=-8 is not valid; it must be an integer >= 1."),
+    (["--config.training.batch_size=12"],
+     "--config.training.batch_size=12 must be divisible by the number of devices (8) and of "
+     "processes (1) of this job."),
+])
+def test_bad_values_are_one_line_before_anything_is_written(tmp_path, flags, message):
+    """Defects: a wrongly typed override printed a 46-line traceback; num_steps=0 with
+    --mode=all said 'Train first'; batch sizes 0 or -8 failed deep in JAX."""
+    workdir = tmp_path / "run"
+    result = _run(TOY, f"--workdir={workdir}", *flags, check=False)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == message
+    assert "Traceback" not in result.stderr
+    assert not workdir.exists()
+
+
+def test_a_workdir_that_is_a_file_is_one_clear_error(tmp_path):
+    """Defect: a raw FileExistsError."""
+    regular = tmp_path / "file"
+    regular.write_text("keep me")
+    result = _run(TOY, f"--workdir={regular}", check=False)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"--workdir={regular} is a file, not a directory; give a directory (it is created "
+        "if missing).")
+    assert regular.read_text() == "keep me"
+
+
+def test_a_damaged_checkpoint_is_one_message_without_noise(tmp_path):
+    """Defect: an 'Event loop is closed' traceback preceded the corrupt-checkpoint error."""
+    # pylint: disable=import-outside-toplevel
+    from qcsbm_jax import checkpoint, experiment, train
+    from test_train import _smoke
+    widths = (256, 256)  # Arrays large enough to live in per-process data files.
+    config = _smoke("qcsbm", **{"model.widths": widths})
+    model = experiment.build_score_model(config)
+    state = train.init_state(model.init_params, train.make_optimizer(config.optim), 0)
+    workdir = tmp_path / "run"
+    with checkpoint.Checkpointer(workdir) as ckpt:
+        ckpt.save(2, state, metadata={
+            "config": config.to_dict(),
+            "signature": experiment.model_signature(config, model.init_params)})
+    step_dir = workdir / "checkpoints" / "2"
+    max((step_dir / "state").glob("ocdbt.process_0/d/*"), key=lambda p: p.stat().st_size
+        ).unlink()
+    result = _run(TOY, f"--config.model.widths={widths}", f"--workdir={workdir}",
+                  "--mode=eval", check=False)
+    assert result.returncode == 1
+    assert f"The checkpoint {step_dir} is damaged or incomplete: reading it failed" in (
+        result.stderr.strip().splitlines()[-1])
+    assert "Event loop is closed" not in result.stderr and "Traceback" not in result.stderr

@@ -18,6 +18,7 @@ position is the step itself and resuming reproduces the uninterrupted run exactl
 import functools
 import gzip
 import os
+import zlib
 
 import numpy as np
 
@@ -65,9 +66,16 @@ def _process_part(num_examples: int, process_index: int, process_count: int) -> 
 
 def _read_idx_images(path: str) -> np.ndarray:
     """uint8 [N, rows, cols] from a gzipped IDX file (magic 0x00000803, big-endian sizes)."""
-    with gzip.open(path, "rb") as f:
-        raw = f.read()
-    if raw[:4] != b"\x00\x00\x08\x03":
+    try:
+        with gzip.open(path, "rb") as f:
+            raw = f.read()
+    except (gzip.BadGzipFile, EOFError, zlib.error) as error:
+        raise ValueError(
+            f"{path} is not a complete gzip file ({type(error).__name__}: {error}); replace "
+            "it with the file from the Debian package dataset-fashion-mnist, or point "
+            "--config.data.fashion_mnist_dir at a directory holding the 4 original files."
+            ) from None
+    if len(raw) < 16 or raw[:4] != b"\x00\x00\x08\x03":
         raise ValueError(f"{path} is not an IDX file of uint8 images (magic bytes "
                          f"{raw[:4].hex()}, expected 00000803); replace it with the file from "
                          "the Debian package dataset-fashion-mnist.")

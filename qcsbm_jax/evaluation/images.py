@@ -41,13 +41,16 @@ def load_test_images(config, data_shape: tuple[int, ...]) -> np.ndarray:
     return test
 
 
-def make_image_evaluator(config, model, mesh) -> Callable[[Any], Evaluation]:
-    """evaluate_params(params) -> Evaluation with the image metrics (module doc)."""
+def make_image_evaluator(config, model, mesh, test_uint8: np.ndarray | None = None
+                         ) -> Callable[[Any], Evaluation]:
+    """evaluate_params(params) -> Evaluation with the image metrics (module doc), on
+    test_uint8 (load_test_images when None)."""
     ev, centered = config.eval, config.data.centered
     if ev.divergence != "hutchinson":  # config.validate refuses it earlier on the CLI.
         raise ValueError(f"--config.eval.divergence={ev.divergence!r} needs one jvp per pixel "
                          "per ODE step; use 'hutchinson' for images.")
-    test_uint8 = load_test_images(config, model.data_shape)
+    if test_uint8 is None:
+        test_uint8 = load_test_images(config, model.data_shape)
     test_float = np.asarray(images.to_float(test_uint8, centered), np.float32)
     dims = int(np.prod(model.data_shape))
     times = programs.evaluation_times(ev.num_levels, ev.eps)

@@ -32,11 +32,13 @@ from qcsbm_jax.sampling import registry
 SNAPSHOT_DIR = "snapshot"  # Under eval.output_dir; holds a checkpoints/ directory.
 
 
-def make_evaluator(config, model, mesh) -> Callable[[Any], Evaluation]:
-    """The evaluator of the config's data set (toy or image); jitted once, reusable."""
+def make_evaluator(config, model, mesh, test_images: np.ndarray | None = None
+                   ) -> Callable[[Any], Evaluation]:
+    """The evaluator of the config's data set (toy or image; images on test_images, or
+    the test split when None); jitted once, reusable."""
     if data.of(config).kind == data.TOY:
         return toy.make_toy_evaluator(config, model, mesh)
-    return images.make_image_evaluator(config, model, mesh)
+    return images.make_image_evaluator(config, model, mesh, test_images)
 
 
 def _evaluated(out: str, step: int) -> bool:
@@ -87,12 +89,15 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float
     """Evaluates the newest checkpoint, or with eval.watch every new one until
     training.num_steps; writes DIR/<eval.output_dir> (outputs.py). Returns the last
     metrics computed ({} when watching found only evaluated steps)."""
+    dataset = data.of(config)
+    test_images = (images.load_test_images(config, dataset.shape)  # before the model:
+                   if dataset.kind == data.IMAGE else None)       # a bad data set fails fast
     mesh = parallel.make_mesh(config.parallel.data_axis, config.parallel.model_axis)
     model = experiment.build_score_model(config)
     watch = config.eval.watch
     if not watch:
         params, step = restore.restore_params(config, workdir, model, mesh)
-    evaluator = make_evaluator(config, model, mesh)
+    evaluator = make_evaluator(config, model, mesh, test_images)
     writer = metric_writers.create_default_writer(
         os.path.join(workdir, config.eval.output_dir), just_logging=jax.process_index() > 0)
     try:
