@@ -253,10 +253,11 @@ _MINIMUM_INTS = {
     "sampling.batch_size": 1,
     "eval.num_points": 1, "eval.num_test": 0, "eval.num_levels": 1, "eval.batch_size": 1,
     "eval.score_error_points": 1, "eval.num_samples": 0, "eval.pr_k": 1, "eval.seed": 0,
+    "eval.fid_samples": 0, "eval.fid_reference_images": 0, "training.grad_accum_steps": 1,
     "eval.watch_timeout": 0, "parallel.model_axis": 1,
 }
 # Float settings that must be positive, and those in [0, 1).
-_POSITIVE = ("optim.learning_rate", "optim.adam_eps", "loss.eps", "sampling.rtol",
+_POSITIVE = ("optim.learning_rate", "optim.adam_eps", "sampling.rtol",
              "sampling.atol", "sampling.eps", "eval.rtol", "eval.atol", "eval.eps")
 _FRACTIONS = ("optim.b1", "optim.b2", "optim.ema_decay")
 
@@ -288,6 +289,11 @@ def _check_numbers(config: ml_collections.ConfigDict) -> None:
             continue
         if not valid(value):
             raise ValueError(f"--config.{key}={value!r} is not valid; it must be {expected}.")
+    eps, sde = config.loss.get("eps", 1e-5), config.get("sde", {}).get("name")
+    if not 0 <= eps < 1 or (eps == 0 and sde != "ve"):
+        raise ValueError(f"--config.loss.eps={eps!r} is not valid; it must be in [0, 1), "
+                         "and > 0 unless the SDE is VE (std(0) = sigma_min > 0; VP and "
+                         "sub-VP have std(0) = 0).")
     qc_fraction = config.loss.get("qc_fraction", 1.0)
     if not 0 < qc_fraction <= 1:
         raise ValueError(f"--config.loss.qc_fraction={qc_fraction!r} is not valid; it must "

@@ -45,6 +45,20 @@ def test_rates_out_of_range_name_the_key(key, value, expected):
         config_lib.validate(config)
 
 
+def test_loss_eps_may_be_zero_only_where_std_of_zero_is_positive():
+    """t ~ U(0, 1) (the authors' 2D program) is fine under VE, where std(0) = sigma_min;
+    VP and sub-VP have std(0) = 0, a division by zero in the DSM term."""
+    toy = config_lib.toy_config("gaussians8", "usbm")
+    assert toy.loss.eps == 0.0
+    config_lib.validate(toy)
+    vp = _with(config_lib.image_config("cifar10", "usbm", "smoke", model="ddpmpp"),
+               **{"loss.eps": 0.0})
+    with pytest.raises(ValueError, match=r"--config.loss.eps=0.0 is not valid.*VE"):
+        config_lib.validate(vp)
+    with pytest.raises(ValueError, match="loss.eps=-0.1"):
+        config_lib.validate(_with(toy, **{"loss.eps": -0.1}))
+
+
 def test_every_shipped_config_passes():
     for dataset in ("gaussians8", "checkerboard"):
         for variant in (None, "smoke"):
