@@ -16,7 +16,7 @@ cifar10_usbm_ddpmpp.py (images), with variants:
 Samplers (--config.sampling.method): pc, ode (adaptive RK45), euler, heun,
 edm_stochastic, dpm_solver_2m, euler_maruyama (sampling.num_steps).
 Typical times on a 2-core CPU, compilation included: toy :smoke --mode all 20 s; a toy
-paper run 1-5 min of training and a few minutes of evaluation (50,000 ODE likelihoods);
+paper run 1-7 min of training and a few minutes of evaluation (50,000 ODE likelihoods);
 Fashion-MNIST :smoke --mode all 2 min (U-NCSN++) and 3.5 min (QC fine-tune), mostly
 compilation; :small about 40 min of training. The paper's image settings need an
 accelerator.
