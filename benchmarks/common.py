@@ -119,25 +119,35 @@ def write_json(path: str | None, result) -> None:
 
 # ---------------------------------------------------------------------------- overrides
 
+def _check_key(config: ml_collections.ConfigDict, text: str) -> None:
+    """ValueError unless text is 'a.b=value' with a key a.b of config."""
+    key, sep, _ = text.partition("=")
+    if not sep or not key:
+        raise ValueError(f"--override wants key=value, e.g. loss.qc_weight=0.1; got {text!r}.")
+    node, parts = config, key.split(".")
+    for depth, part in enumerate(parts):
+        if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+            where = ".".join(parts[:depth]) or "the top level"
+            valid = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+            raise ValueError(f"--override {text}: unknown config key {part!r} under {where}; "
+                             f"valid keys there: {valid}.")
+        node = node[part]
+
+
 def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str]
                     ) -> ml_collections.ConfigDict:
     """A validated copy of config with 'a.b=value' overrides, each value parsed to the type
     of the config's value by the parser of the main program's --config.a.b=value flags.
     A bad override raises ValueError naming it and what is wrong."""
     config = config.copy_and_resolve_references()
-    argv = ["benchmark"] + [f"--config.{text}" for text in overrides]
     for text in overrides:
-        if "=" not in text or text.startswith("="):
-            raise ValueError(f"--override wants key=value, e.g. loss.qc_weight=0.1; "
-                             f"got {text!r}.")
+        _check_key(config, text)
+    argv = ["benchmark"] + [f"--config.{text}" for text in overrides]
     values = flags.FlagValues()
-    holder = config_flags.DEFINE_config_dict("config", config, flag_values=values,
-                                             sys_argv=argv)
-    try:
+    try:  # Defining the flag reads argv's override keys; calling values parses them.
+        holder = config_flags.DEFINE_config_dict("config", config, flag_values=values,
+                                                 sys_argv=argv)
         values(argv)
-    except (AttributeError, KeyError) as error:
-        raise ValueError(f"--override: unknown config key {error} in {list(overrides)}; "
-                         f"the config's groups are {sorted(config.keys())}.") from None
     except flags.Error as error:
         raise ValueError(f"--override: {error}.") from None
     config_lib.validate(holder.value)
