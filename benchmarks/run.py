@@ -35,7 +35,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help=f"comma-separated, from {SECTIONS}")
     parser.add_argument("--variants", type=_csv(str), default=None,
                         help="train-step variants (default: all for the model; 'dsm', "
-                             "the reference of the ratios, always runs); see suite.VARIANTS")
+                             "the reference of the ratios, always runs); see training.VARIANTS")
     parser.add_argument("--devices", type=_csv(int), default=[1],
                         help="device counts to run on, e.g. 1,8 (the first N devices)")
     parser.add_argument("--batch", type=_csv(int), default=None,

@@ -8,10 +8,11 @@ Every round times one jitted loop of num_steps score evaluations of the batch (s
 its time per evaluation, free of per-call dispatch) and then one run of each solver
 (sampling.SOLVERS, num_steps fixed, the config's settings) as users run it
 (sampling.registry.make_sampler: keys, prior draws and the copy to the host included), so
-load changes on a shared machine hit all of them alike. Per round, ratio = (solver run time / NFE) / score_ms:
-1 means the solver costs exactly its score evaluations; the excess is the solver's own
-work (state updates, the per-sample noise of the stochastic ones). The table gives the
-median ratio over rounds with its range; --json also keeps every round's values.
+load changes on a shared machine hit all of them alike. Per round, ratio = (solver run
+time / NFE) / score_ms: 1 means the solver costs exactly its score evaluations; the excess
+is the solver's own work (state updates, the per-sample noise of the stochastic ones). The
+table gives the median ratio over rounds with its range; --json also keeps every round's
+values.
 Networks are freshly initialised on one device; the cost does not depend on training.
 """
 
