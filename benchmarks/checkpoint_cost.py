@@ -24,7 +24,6 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 
 MODELS = ("toy", "ncsnpp_small")
 
@@ -41,13 +40,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _config(model: str):
-    from qcsbm_jax import config as config_lib  # pylint: disable=import-outside-toplevel
-    if model == "toy":
-        return config_lib.toy_config("checkerboard", "usbm")
-    return config_lib.image_config("cifar10", "usbm", "small")
-
-
 @contextlib.contextmanager
 def _without_checksums():
     """checksums.seal / verify as no-ops: what saving and restoring cost before them."""
@@ -61,17 +53,12 @@ def _without_checksums():
         checksums.seal, checksums.verify = seal, verify
 
 
-def _seconds(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
 def measure(model: str, devices: int, rounds: int) -> dict:
     # pylint: disable=import-outside-toplevel
     import jax
+    from benchmarks import common
     from qcsbm_jax import checkpoint, checksums, experiment, parallel, train
-    config = _config(model)
+    config = common.MODELS[model].config()
     mesh = parallel.make_mesh(devices, 1, jax.devices()[:devices])
     built = experiment.build_score_model(config)
     init = lambda p: train.init_state(p, train.make_optimizer(config.optim), 0)
@@ -79,7 +66,7 @@ def measure(model: str, devices: int, rounds: int) -> dict:
     state = jax.block_until_ready(jax.jit(init, out_shardings=sharding)(built.init_params))
     storage = checkpoint._unwrap_keys(state)  # pylint: disable=protected-access
     leaves = jax.tree.leaves(storage)
-    compile_s = _seconds(lambda: checksums.tree_checksums(storage))
+    compile_s = common.seconds(lambda: checksums.tree_checksums(storage))
     metadata = {"config": config.to_dict()}
     times = {k: [] for k in ("checksum", "block", "save", "restore", "block_plain",
                              "save_plain", "restore_plain")}
@@ -89,15 +76,15 @@ def measure(model: str, devices: int, rounds: int) -> dict:
                                                                    _without_checksums)):
                 with context(), checkpoint.Checkpointer(os.path.join(root, f"run{suffix}"),
                                                         max_to_keep=2) as ckpt:
-                    block = _seconds(lambda: ckpt.save(step, state, metadata=metadata))
-                    save = block + _seconds(ckpt.wait)
-                    restore = _seconds(lambda: jax.block_until_ready(ckpt.restore(state, step)))
+                    block = common.seconds(lambda: ckpt.save(step, state, metadata=metadata))
+                    save = block + common.seconds(ckpt.wait)
+                    restore = common.seconds(lambda: ckpt.restore(state, step))
                 if step:
                     times["block" + suffix].append(block)
                     times["save" + suffix].append(save)
                     times["restore" + suffix].append(restore)
             if step:
-                times["checksum"].append(_seconds(lambda: checksums.tree_checksums(storage)))
+                times["checksum"].append(common.seconds(lambda: checksums.tree_checksums(storage)))
     low = {k: 1e3 * min(v) for k, v in times.items()}
     return dict(
         model=model, devices=devices, backend=jax.default_backend(), arrays=len(leaves),
@@ -126,8 +113,8 @@ def main(argv: list[str]) -> None:
     for row in rows:
         print("| " + " | ".join(str(row[c]) for c in COLUMNS) + " |")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+        from benchmarks import common  # pylint: disable=import-outside-toplevel
+        common.write_json(args.json, rows)
 
 
 if __name__ == "__main__":

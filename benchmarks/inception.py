@@ -21,7 +21,6 @@ qcsbm_jax.fid.weights.load (random inputs; the time does not depend on the value
 """
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -106,28 +105,16 @@ def score_rows(repeats: int) -> list[dict]:
     return rows
 
 
-def _cell(value) -> str:
-    if value is None:
-        return "-"
-    return f"{value:.3g}" if isinstance(value, float) else str(value)
-
-
-def table(rows: list[dict]) -> str:
-    columns = ["row", "devices", "batch", "first_s", "call_s", "run_s", "cpu_s",
-               "images_per_s", "images_per_cpu_s", "s_per_1000"]
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(_cell(r.get(c)) for c in columns) + " |" for r in rows]
-    return "\n".join(lines)
+COLUMNS = ("row", "devices", "batch", "first_s", "call_s", "run_s", "cpu_s", "images_per_s",
+           "images_per_cpu_s", "s_per_1000")
 
 
 def main(argv: list[str]) -> dict:
     args = parse_args(argv)
     os.environ.setdefault("JAX_NUM_CPU_DEVICES", str(args.devices))  # before jax's import
-    from benchmarks import suite
-    machine = suite.machine()
-    print(f"# {machine['backend']} ({machine['device_kind']} x{machine['device_count']}; "
-          f"{machine['cpu']}, {machine['cpu_count']} cores), load average "
-          f"{machine['load_average']}", flush=True)
+    from benchmarks import common
+    machine = common.machine()
+    common.print_machine(machine)
     rows = network_rows([int(b) for b in args.batch.split(",")], args.devices, args.repeats)
     if not args.skip_scores:
         rows += score_rows(args.repeats)
@@ -135,11 +122,10 @@ def main(argv: list[str]) -> dict:
     stats = next((r["s_per_1000"] for r in rows if r["row"] == "stats"), 0.0)
     result = dict(args=vars(args), machine=machine, rows=rows,
                   fid_s_per_1000=1000 / best + stats, load_average_end=os.getloadavg())
-    print(f"\n{table(rows)}\n\nfid_s_per_1000 (features + stats, fastest batch): "
+    print(f"\n{common.markdown_table(rows, COLUMNS)}\n\n"
+          "fid_s_per_1000 (features + stats, fastest batch): "
           f"{result['fid_s_per_1000']:.3g}; load average now {result['load_average_end']}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+    common.write_json(args.json, result)
     return result
 
 

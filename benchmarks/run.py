@@ -2,6 +2,8 @@
 
   python -m benchmarks.run --quick                      # seconds to minutes, any machine
   python -m benchmarks.run --models toy,ncsnpp_small --devices 1,8 --json out.json
+  python -m benchmarks.run --models ncsnpp_small --sections train \
+      --override model.progressive_input=input_skip     # any config value, typed
 
 Parses the flags and asks XLA's CPU backend for as many virtual devices as the largest
 entry of --devices before jax is imported (JAX_NUM_CPU_DEVICES; an existing setting wins;
@@ -12,6 +14,7 @@ import argparse
 import os
 import sys
 
+# suite.SECTIONS and common.MODELS, named here: importing those imports jax.
 SECTIONS = ("train", "score", "pc", "ode", "likelihood", "gradnoise", "accuracy")
 MODELS = ("toy", "ncsnpp_smoke", "ncsnpp_small", "ncsnpp_deep")
 
@@ -32,14 +35,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help=f"comma-separated, from {SECTIONS}")
     parser.add_argument("--variants", type=_csv(str), default=None,
                         help="train-step variants (default: all for the model; 'dsm', "
-                             "the reference of the ratios, always runs); see suite.VARIANTS")
+                             "the reference of the ratios, always runs); see training.VARIANTS")
     parser.add_argument("--devices", type=_csv(int), default=[1],
                         help="device counts to run on, e.g. 1,8 (the first N devices)")
     parser.add_argument("--batch", type=_csv(int), default=None,
                         help="train batch sizes (default: per model and backend; raised to "
                              "a multiple of the device count)")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
-                        help="compute dtype of the network (float32 master parameters)")
+    parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config value for every benchmarked config, typed as the "
+                             "main program's --config.KEY=VALUE (repeatable), e.g. "
+                             "model.progressive_input=input_skip")
     parser.add_argument("--rounds", type=int, default=None,
                         help="timed rounds per train-step variant (default 5, quick 2)")
     parser.add_argument("--quick", action="store_true",

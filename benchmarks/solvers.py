@@ -6,26 +6,26 @@ against one score evaluation of the same batch.
 
 Every round times one jitted loop of num_steps score evaluations of the batch (score_ms:
 its time per evaluation, free of per-call dispatch) and then one run of each solver
-(sampling.SOLVERS, num_steps fixed, the config's settings), so load changes on a shared
-machine hit all of them alike. Per round, ratio = (solver run time / NFE) / score_ms:
-1 means the solver costs exactly its score evaluations; the excess is the solver's own
-work (state updates, the per-sample noise of the stochastic ones). The table gives the
-median ratio over rounds with its range; --json also keeps every round's values.
+(sampling.SOLVERS, num_steps fixed, the config's settings) as users run it
+(sampling.registry.make_sampler: keys, prior draws and the copy to the host included), so
+load changes on a shared machine hit all of them alike. Per round, ratio = (solver run
+time / NFE) / score_ms: 1 means the solver costs exactly its score evaluations; the excess
+is the solver's own work (state updates, the per-sample noise of the stochastic ones). The
+table gives the median ratio over rounds with its range; --json also keeps every round's
+values.
 Networks are freshly initialised on one device; the cost does not depend on training.
 """
 
 import argparse
-import datetime
-import json
 import os
 import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 
-from benchmarks.suite import machine
-from qcsbm_jax import config as config_lib, experiment, sampling
+from benchmarks import common
+from qcsbm_jax import config as config_lib, experiment, parallel, sampling
+from qcsbm_jax.sampling import registry
 
 MODELS = {  # name: (config, default batch, default num_steps)
     "toy": (lambda: config_lib.toy_config("gaussians8", "usbm", "smoke"), 5000, 20),
@@ -35,19 +35,13 @@ COLUMNS = ("model", "batch", "method", "steps", "nfe", "compile_s", "run_ms", "m
            "score_ms", "ratio", "ratio_min", "ratio_max")
 
 
-def _timed(fn) -> float:
-    start = time.perf_counter()
-    jax.block_until_ready(fn())
-    return time.perf_counter() - start
-
-
 def bench_model(name: str, batch: int, num_steps: int, rounds: int) -> list[dict]:
     """One row per solver of model `name` (see the module docstring)."""
     config = MODELS[name][0]()
     model = experiment.build_score_model(config)
     params = jax.device_put(model.init_params)
-    sc = config.sampling
-    keys = jax.random.split(jax.random.key(0), batch)
+    mesh = parallel.make_mesh(devices=jax.devices()[:1])
+    key = jax.random.key(0)
     x = jax.random.normal(jax.random.key(1), (batch, *model.data_shape))
     t = jnp.full((batch,), 0.5)
 
@@ -56,22 +50,19 @@ def bench_model(name: str, batch: int, num_steps: int, rounds: int) -> list[dict
         """num_steps score evaluations in one loop (x moves, so none can be hoisted)."""
         return jax.lax.fori_loop(
             0, num_steps, lambda i, y: y + 1e-3 * model.score_fn(p, y, t, None), x)
-    programs = {}
-    for method, fn in sampling.SOLVERS.items():
-        settings = {k: sc[k] for k in sampling.SETTINGS[method]}
-        programs[method] = jax.jit(lambda p, k, fn=fn, settings=settings: fn(
-            p, k, score_fn=model.score_fn, sde=model.sde, shape=model.data_shape,
-            num_steps=num_steps, eps=sc.eps, **settings))
-    compile_s = {"score": _timed(lambda: score(params, x, t))}
+    programs = {method: registry.make_sampler(
+        model, mesh, method, batch_size=batch, **registry.settings_from_config(
+            config.sampling, method, num_steps=num_steps)) for method in sampling.SOLVERS}
+    compile_s = {"score": common.seconds(lambda: score(params, x, t))}
     nfe = {}
     for method, program in programs.items():
-        compile_s[method] = _timed(lambda: program(params, keys))
-        nfe[method] = int(program(params, keys)[1][0])
+        compile_s[method] = common.seconds(lambda: program(params, key, batch))
+        nfe[method] = int(program(params, key, batch)[1][0])
     times = {method: [] for method in ["score", *programs]}
     for round_index in range(rounds):
-        times["score"].append(_timed(lambda: score(params, x, t)))
+        times["score"].append(common.seconds(lambda: score(params, x, t)))
         for method, program in programs.items():
-            times[method].append(_timed(lambda: program(params, keys)))
+            times[method].append(common.seconds(lambda: program(params, key, batch)))
         print(f"  {name}: round {round_index + 1}/{rounds}", flush=True)
     rows = []
     times["score"] = [s / num_steps for s in times["score"]]
@@ -90,11 +81,7 @@ def bench_model(name: str, batch: int, num_steps: int, rounds: int) -> list[dict
 
 
 def format_table(rows: list[dict]) -> str:
-    def cell(value):
-        return f"{value:.3g}" if isinstance(value, float) else str(value)
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(cell(row[c]) for c in COLUMNS) + " |" for row in rows]
-    return "\n".join(lines)
+    return common.markdown_table(rows, COLUMNS)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -112,19 +99,15 @@ def main(argv: list[str] | None = None) -> dict:
     unknown = sorted(set(names) - set(MODELS))
     if unknown:
         parser.error(f"--models: unknown {unknown}; choose from {tuple(MODELS)}.")
-    start = machine()
-    print(f"# {datetime.datetime.now().isoformat(timespec='seconds')} on {start['backend']} "
-          f"({start['cpu']}, {start['cpu_count']} cores), load average "
-          f"{start['load_average']}", flush=True)
+    start = common.machine()
+    common.print_machine(start)
     rows = []
     for name in names:
         _, batch, steps = MODELS[name]
         rows += bench_model(name, args.batch or batch, args.steps or steps, args.rounds)
     result = dict(args=vars(args), machine=start, load_average_end=os.getloadavg(), rows=rows)
     print("\n" + format_table(rows), flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+    common.write_json(args.json, result)
     return result
 
 

@@ -1,4 +1,5 @@
-"""A seconds-long run of the benchmark runner (python -m benchmarks.run) so it keeps working."""
+"""A seconds-long run of the benchmark runner (python -m benchmarks.run) so it keeps working,
+and checks that it times the programs users run, with the overrides it is given."""
 
 import json
 import pathlib
@@ -6,9 +7,11 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SECTIONS = ("train", "score", "pc", "ode", "likelihood", "gradnoise", "accuracy")
+TOY_OVERRIDES = ["model.widths=(16, 32)", "model.noise_widths=(1, 1)", "loss.dsm_scale=1"]
 
 
 def _run(*flags: str, timeout: int = 900) -> subprocess.CompletedProcess:
@@ -64,17 +67,73 @@ def test_bad_flags_fail_with_a_message():
                            (["--devices", "0"], "positive device counts")):
         done = _run(*flags, timeout=60)
         assert done.returncode == 2 and message in done.stderr, done.stderr
+    done = _run("--models", "toy", "--override", "loss.qc_weight=heavy", timeout=300)
+    assert done.returncode == 1 and "loss.qc_weight=heavy" in done.stderr, done.stderr
+    assert "could not convert string to float" in done.stderr and "## train" not in done.stdout
+
+
+def test_overrides_are_typed_and_reach_every_config():
+    from benchmarks import common, training
+    bench = common.make_bench("toy", 1, quick=True, overrides=TOY_OVERRIDES)
+    assert bench.config.model.widths == (16, 32) and bench.config.loss.dsm_scale == 1.0
+    assert isinstance(bench.config.loss.dsm_scale, float)
+    kernels = [a.shape for a in __import__("jax").tree.leaves(bench.model.init_params)]
+    assert (16, 32) in kernels and (64, 128) not in kernels  # the network built from it
+    every4 = training.variant_config(bench, "qc_nonneg_every4")
+    assert every4.loss.dsm_scale == 1.0 and every4.loss.qc_every == 4
+    assert every4.loss.qc_weight == bench.spec.qc_weight
+    assert training.variant_config(bench, "dsm").loss.qc_weight == 0.0
+    assert bench.config.loss.qc_every == 1  # variants change copies
+    for overrides, message in ((["model.depth=3"], "unknown config key 'depth' under model"),
+                               (["loss.qc_weight=heavy"], "could not convert"),
+                               (["loss.qc_weight"], "wants key=value"),
+                               (["loss.qc_weight=-1"], "qc_weight")):
+        with pytest.raises(ValueError, match=message):
+            common.apply_overrides(bench.spec.config(), overrides)
+
+
+def test_sections_time_the_programs_users_run(monkeypatch):
+    """The samplers come from sampling.registry.make_sampler, the likelihood from
+    evaluation.programs.make_nll_fn and the train steps from train.make_step_selector,
+    each with the run's config (overrides included)."""
+    from benchmarks import common, likelihood, sampling, training
+    from qcsbm_jax import train
+    from qcsbm_jax.evaluation import programs
+    from qcsbm_jax.sampling import registry
+    calls = []
+
+    def spy(module, name):
+        original = getattr(module, name)
+        def wrapped(*args, **kwargs):
+            calls.append((name, kwargs))
+            return original(*args, **kwargs)
+        monkeypatch.setattr(module, name, wrapped)
+
+    for module, name in ((registry, "make_sampler"), (programs, "make_nll_fn"),
+                         (train, "make_step_selector")):
+        spy(module, name)
+    bench = common.make_bench("toy", 1, quick=True, overrides=TOY_OVERRIDES)
+    (pc,) = sampling.bench_pc(bench, 8, num_steps=3)
+    (ode,) = sampling.bench_ode(bench, 8)
+    (nll,) = likelihood.bench_likelihood(bench, 8)
+    programs_every4 = training.step_programs(bench, "qc_nonneg_every4")
+    assert [name for name, _ in calls] == ["make_sampler", "make_sampler", "make_nll_fn",
+                                           "make_step_selector"]
+    assert calls[0][1]["num_steps"] == 3 and calls[1][1]["rtol"] == 1e-2
+    assert calls[2][1]["rtol"] == 1e-2 and calls[2][1]["divergence"] == "exact"
+    assert pc["nfe_mean"] == 3 * (bench.config.sampling.corrector_steps
+                                  * (bench.config.sampling.corrector != "none") + 1) + 1
+    assert ode["nfe_mean"] >= 2 and nll["nfe_mean"] >= 2
+    assert [count for _, count in programs_every4] == [1, 3]
 
 
 def test_train_rows_are_reported_as_they_are_measured():
     """A run cut short keeps every compiled variant and every timed round: report() gets
     the rows after each compilation (no time yet) and after each round."""
-    import jax.numpy as jnp
-
-    from benchmarks import suite
-    bench = suite._bench("toy", 1, jnp.float32, quick=True)
+    from benchmarks import common, training
+    bench = common.make_bench("toy", 1, quick=True)
     reports = []
-    final = suite.bench_train(bench, 16, ["dsm", "qc_nonneg_jvpgrad"], 2, reports.append)
+    final = training.bench_train(bench, 16, ["dsm", "qc_nonneg_jvpgrad"], 2, reports.append)
     assert [[(r["variant"], r["rounds"]) for r in rows] for rows in reports] == [
         [("dsm", 0)], [("dsm", 0), ("qc_nonneg_jvpgrad", 0)],
         [("dsm", 1), ("qc_nonneg_jvpgrad", 1)], [("dsm", 2), ("qc_nonneg_jvpgrad", 2)]]
