@@ -24,22 +24,38 @@ def default_init(scale: float = 1.0):
                                              "fan_avg", "uniform")
 
 
+def to_kernel_dtype(arrays, dtype=None):
+    """nnx.Linear / nnx.Conv `promote_dtype` hook: the input in the kernel's dtype, the bias
+    as it is.
+
+    With models.mixed_precision only kernels are cast to the compute dtype (bfloat16), so
+    the matmul or convolution runs in it while the bias stays float32: y + bias is float32,
+    and the bias gradient, a sum over batch and positions, accumulates in float32. In
+    float32 it changes nothing. dtype: unused (the modules leave it None).
+    """
+    del dtype
+    inputs, kernel, bias = arrays
+    return inputs.astype(kernel.dtype), kernel, bias
+
+
 def conv3x3(in_ch: int, out_ch: int, *, init_scale: float = 1.0, stride: int = 1,
             rngs: nnx.Rngs) -> nnx.Conv:
     """3x3 convolution, SAME padding, zero bias."""
     return nnx.Conv(in_ch, out_ch, (3, 3), strides=stride, padding="SAME",
-                    kernel_init=default_init(init_scale), rngs=rngs)
+                    kernel_init=default_init(init_scale), promote_dtype=to_kernel_dtype,
+                    rngs=rngs)
 
 
 def conv1x1(in_ch: int, out_ch: int, *, init_scale: float = 1.0, rngs: nnx.Rngs) -> nnx.Conv:
     """1x1 convolution (a per-pixel linear map over channels), zero bias."""
-    return nnx.Conv(in_ch, out_ch, (1, 1), kernel_init=default_init(init_scale), rngs=rngs)
+    return nnx.Conv(in_ch, out_ch, (1, 1), kernel_init=default_init(init_scale),
+                    promote_dtype=to_kernel_dtype, rngs=rngs)
 
 
 def dense(in_features: int, out_features: int, *, init_scale: float = 1.0,
           rngs: nnx.Rngs) -> nnx.Linear:
     return nnx.Linear(in_features, out_features, kernel_init=default_init(init_scale),
-                      rngs=rngs)
+                      promote_dtype=to_kernel_dtype, rngs=rngs)
 
 
 def group_norm(channels: int, *, rngs: nnx.Rngs) -> nnx.GroupNorm:
@@ -171,8 +187,9 @@ def fir_upsample_conv(x: jax.Array, weights: jax.Array, kernel: Sequence[float])
     """2x upsampling convolution: a stride-2 transposed convolution by `weights`
     [k, k, C_in, C_out] followed by the FIR filter. [B, H, W, C_in] -> [B, 2H, 2W, C_out]."""
     size = weights.shape[0]
-    h = lax.conv_general_dilated(x, weights, (1, 1), ((size - 1, size - 1),) * 2,
-                                 lhs_dilation=(2, 2), dimension_numbers=_NHWC)
+    h = lax.conv_general_dilated(x.astype(weights.dtype), weights, (1, 1),
+                                 ((size - 1, size - 1),) * 2, lhs_dilation=(2, 2),
+                                 dimension_numbers=_NHWC)
     k = fir_taps(kernel) * 2
     p = k.shape[0] - 2 - (size - 1)
     return upfirdn2d(h, k, pad=((p + 1) // 2 + 1, p // 2 + 1))
@@ -184,7 +201,7 @@ def fir_downsample_conv(x: jax.Array, weights: jax.Array, kernel: Sequence[float
     size = weights.shape[0]
     k = fir_taps(kernel)
     p = k.shape[0] - 2 + (size - 1)
-    h = upfirdn2d(x, k, pad=((p + 1) // 2, p // 2))
+    h = upfirdn2d(x.astype(weights.dtype), k, pad=((p + 1) // 2, p // 2))
     return lax.conv_general_dilated(h, weights, (2, 2), "VALID", dimension_numbers=_NHWC)
 
 
@@ -345,8 +362,11 @@ class AttentionBlock(nnx.Module):
         """x: [B, H, W, C] -> [B, H, W, C]."""
         b, height, width, c = x.shape
         h = self.norm(x).reshape(b, height * width, c)
-        logits = jnp.einsum("bqc,bkc->bqk", self.query(h), self.key(h)) / math.sqrt(c)
-        h = jnp.einsum("bqk,bkc->bqc", jax.nn.softmax(logits, axis=-1), self.value(h))
+        dtype = self.query.kernel.dtype  # The compute dtype (models.mixed_precision).
+        q, k, v = (layer(h).astype(dtype) for layer in (self.query, self.key, self.value))
+        logits = jnp.einsum("bqc,bkc->bqk", q, k) / math.sqrt(c)
+        weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(dtype)
+        h = jnp.einsum("bqk,bkc->bqc", weights, v)
         return residual_sum(x, self.out(h).reshape(x.shape), self.skip_rescale)
 
 
