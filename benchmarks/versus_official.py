@@ -208,7 +208,9 @@ class TheirSide:
             for name in THEIRS}
         self.batch = torch.rand(args.batch, config.data.num_channels, config.data.image_size,
                                 config.data.image_size)
-        self.num_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        # All parameters: their Fourier frequencies are a frozen nn.Parameter, ours an
+        # nnx.Param read through stop_gradient.
+        self.num_params = sum(p.numel() for p in model.parameters())
         for name in THEIRS:
             self.run(name, 1)  # Warm-up.
 
@@ -282,7 +284,7 @@ def main(args: argparse.Namespace) -> dict:
           f"batch {args.batch}; load average {start_load}", flush=True)
     our_model = _our_model_dict(args)
     theirs = TheirSide(args, our_model)
-    print(f"  official side ready: {theirs.num_params} trainable parameters", flush=True)
+    print(f"  official side ready: {theirs.num_params} parameters", flush=True)
     ours = OurSide(args)
     print(f"  qcsbm_jax side ready: {ours.ready['num_params']} parameters; compile s "
           f"{ {k: round(v['compile_s'], 1) for k, v in ours.ready['info'].items()} }",
