@@ -90,7 +90,7 @@ def toy_config(dataset: str, family: str, variant: str | None = None) -> ml_coll
                    adam_eps=1e-8, ema_decay=0.0, ema_warmup=False)
     c.training = dict(batch_size=5000, num_steps=4000 if dataset == "checkerboard" else 2000,
                       log_every=100, checkpoint_every=500, keep_checkpoints=3,
-                      init_from="", grad_accum_steps=1)
+                      init_from="", grad_accum_steps=1, compute_dtype="float32")
     # corrector 'none': the Langevin corrector's step-size rule needs high dimension and
     # scatters 2D samples far outside the data (sampling.pc._langevin).
     c.sampling = dict(method="ode", num_samples=5000, rtol=1e-3, atol=1e-5, eps=1e-5,
@@ -154,7 +154,10 @@ def image_config(dataset: str, family: str, variant: str | None = None,
     c.training = dict(batch_size=128, num_steps=100_000 if fine_tune else 1_300_000,
                       log_every=100, checkpoint_every=10_000, keep_checkpoints=3,
                       init_from=f"runs/{dataset}_usbm_{model}" if fine_tune else "",
-                      grad_accum_steps=1)  # k: the same update from k micro-batches
+                      grad_accum_steps=1,  # k: the same update from k micro-batches
+                      # 'bfloat16': the train step's matmuls and convolutions in bfloat16,
+                      # float32 everything else (models.mixed_precision).
+                      compute_dtype="float32")
     sampling_eps = 1e-5 if c.sde.name == "ve" else 1e-3
     c.sampling = dict(method="pc", num_samples=50_000, rtol=1e-5, atol=1e-5, eps=sampling_eps,
                       predictor="reverse_diffusion", corrector="langevin", snr=0.16,
@@ -215,6 +218,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
         ("loss.probe", config.loss.probe, asymmetry.PROBES),
         ("loss.qc_gradient", config.loss.qc_gradient, asymmetry.GRADIENTS),
         ("eval.params", config.eval.params, tuple(restore.PARAMS)),
+        ("training.compute_dtype", config.training.get("compute_dtype", "float32"),
+         models.COMPUTE_DTYPES),
         ("sampling.method", config.sampling.method, tuple(registry.METHODS)),
         ("sampling.predictor", config.sampling.predictor, sampling.PREDICTORS),
         ("sampling.corrector", config.sampling.corrector, sampling.CORRECTORS),

@@ -213,7 +213,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     parallel.check_batch_size(batch_size, mesh)
     _check_accumulation(batch_size, config.training.grad_accum_steps, mesh)
     local_batch = data.make_train_batches(config)  # Bad data fail before the model is built.
-    model = experiment.build_score_model(config)
+    model = experiment.build_score_model(config,
+                                         config.training.get("compute_dtype", "float32"))
     optimizer = make_optimizer(config.optim)
     loss_fn = losses.make_loss_fn(model.score_fn, model.sde, **config.loss)
 

@@ -41,6 +41,17 @@ def test_upfirdn2d_matches_naive_reference(up, down, pad):
     np.testing.assert_allclose(got, naive_upfirdn2d(x, kernel, up, down, pad), atol=1e-5)
 
 
+@pytest.mark.parametrize("up,down,pad", [(1, 1, (0, 0)), (2, 1, (2, 1)), (1, 2, (1, 1)),
+                                         (2, 2, (1, 2)), (1, 1, (-1, 2))])
+def test_separable_upfirdn2d_matches_naive_reference_of_the_outer_kernel(up, down, pad):
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(2, 6, 6, 3))
+    taps = rng.normal(size=4)  # Asymmetric, so a flip would show.
+    got = layers.upfirdn2d(jnp.asarray(x, jnp.float32), taps, up=up, down=down, pad=pad)
+    want = naive_upfirdn2d(x, np.outer(taps, taps), up, down, pad)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+
 def test_fir_resampling_shapes_and_constant_interior():
     x = jnp.full((1, 8, 8, 2), 3.0)
     down = layers.fir_downsample(x, FIR)

@@ -4,6 +4,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
@@ -17,6 +18,9 @@ MODELS = {"toy_mlp": ToyScoreNet, "ncsnpp": NCSNpp, "ddpmpp": NCSNpp}
 
 # config.model keys that score.py reads rather than the network.
 _SCORE_KEYS = ("name", "family", "output")
+
+# functional()'s compute_dtype (training.compute_dtype): the dtype the network computes in.
+COMPUTE_DTYPES = ("float32", "bfloat16")
 
 
 def build_model(config: ml_collections.ConfigDict, data_shape: tuple[int, ...],
@@ -53,14 +57,18 @@ def _build_image_model(model_config: ml_collections.ConfigDict,
                   rngs=nnx.Rngs(key))
 
 
-def functional(model: nnx.Module) -> tuple[ApplyFn, dict]:
+def functional(model: nnx.Module, compute_dtype: str = "float32") -> tuple[ApplyFn, dict]:
     """Splits an NNX module into a pure `apply_fn` and its trainable parameters.
 
     Parameters (nnx.Param) become a plain nested dict, the only thing optimisers, EMA and
     checkpoints see; it includes the Fourier frequencies, which the network reads through
     stop_gradient (layers.GaussianFourierEmbedding). Any other variable is closed over by
-    `apply_fn`.
+    `apply_fn`. compute_dtype (COMPUTE_DTYPES): with 'bfloat16', `apply_fn` is
+    mixed_precision's; 'float32' adds no cast.
     """
+    if compute_dtype not in COMPUTE_DTYPES:
+        raise ValueError(f"compute_dtype (training.compute_dtype) must be one of "
+                         f"{COMPUTE_DTYPES}, got {compute_dtype!r}.")
     graphdef, param_state, buffers = nnx.split(model, nnx.Param, ...)
     params = nnx.to_pure_dict(param_state)
 
@@ -69,4 +77,30 @@ def functional(model: nnx.Module) -> tuple[ApplyFn, dict]:
         nnx.replace_by_pure_dict(state, params)
         return nnx.merge(graphdef, state, buffers)(x, noise_condition, key)
 
-    return apply_fn, params
+    if compute_dtype == "float32":
+        return apply_fn, params
+    return mixed_precision(apply_fn, jnp.dtype(compute_dtype)), params
+
+
+def mixed_precision(apply_fn: ApplyFn, dtype) -> ApplyFn:
+    """apply_fn with its matmuls and convolutions in `dtype`, float32 master parameters.
+
+    Only the kernels (parameters named 'kernel') are cast to dtype; every layer casts its
+    input to its kernel's dtype (layers.to_kernel_dtype, the attention block's einsums,
+    the fused FIR convolutions), so the matmul and convolution flops run in dtype.
+    Biases, GroupNorm scales, the toy's Swish slopes and the Fourier frequencies stay
+    float32, and with them the activations between layers, the noise embeddings, GroupNorm
+    statistics, softmax and every parameter-gradient sum over batch and positions.
+    Gradients reach the float32 kernels through the casts, and the output is float32, so
+    everything downstream (score.py's division by std, the losses, the penalty, optimiser,
+    EMA) stays float32.
+    """
+    def cast(path, leaf):
+        return leaf.astype(dtype) if getattr(path[-1], "key", None) == "kernel" else leaf
+
+    def low_precision_apply_fn(params, x, noise_condition, key=None):
+        out = apply_fn(jax.tree_util.tree_map_with_path(cast, params), x, noise_condition,
+                       key)
+        return out.astype(x.dtype)
+
+    return low_precision_apply_fn

@@ -8,6 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from qcsbm_jax.models.layers import to_kernel_dtype
+
 # init: 'pytorch' is torch.nn.Linear's default (weights and biases U(+-1/sqrt(fan_in)), the
 # authors' code); 'flax' is nnx.Linear's (lecun_normal weights, zero biases).
 INITS = ("pytorch", "flax")
@@ -17,9 +19,10 @@ HEAD_ACTIVATIONS = {"none": lambda x: x, "elu": jax.nn.elu,
 
 
 def linear(in_features: int, out_features: int, init: str, *, rngs: nnx.Rngs) -> nnx.Linear:
-    """A dense layer initialised as `init` (INITS)."""
+    """A dense layer initialised as `init` (INITS), computing in its kernel's dtype
+    (layers.to_kernel_dtype)."""
     if init == "flax":
-        return nnx.Linear(in_features, out_features, rngs=rngs)
+        return nnx.Linear(in_features, out_features, promote_dtype=to_kernel_dtype, rngs=rngs)
     if init != "pytorch":
         raise ValueError(f"model.init must be one of {INITS}, got {init!r}.")
     bound = 1.0 / math.sqrt(in_features)
@@ -28,7 +31,7 @@ def linear(in_features: int, out_features: int, init: str, *, rngs: nnx.Rngs) ->
         return jax.random.uniform(key, shape, dtype, -bound, bound)
 
     return nnx.Linear(in_features, out_features, kernel_init=uniform, bias_init=uniform,
-                      rngs=rngs)
+                      promote_dtype=to_kernel_dtype, rngs=rngs)
 
 
 class LearnableSwish(nnx.Module):
