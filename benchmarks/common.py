@@ -19,7 +19,7 @@ import numpy as np
 from absl import flags
 from ml_collections import config_flags
 
-from qcsbm_jax import api, config as config_lib, data, experiment, parallel
+from qcsbm_jax import api, config as config_lib, data, experiment, parallel, train
 from qcsbm_jax.data import toy
 
 # ---------------------------------------------------------------------------- timing
@@ -208,12 +208,14 @@ def round_up(batch: int, multiple: int) -> int:
 @dataclasses.dataclass(frozen=True)
 class Bench:
     """What every section needs for one (model, device count): the config with the run's
-    overrides, the model built from it as training and evaluation build it, a
-    data-parallel mesh over the first devices, and the tier's sizes."""
+    overrides, the model built from it as evaluation and sampling build it (float32) and
+    as training does (train_model: training.compute_dtype), a data-parallel mesh over the
+    first devices, and the tier's sizes."""
     name: str
     spec: ModelSpec
     config: ml_collections.ConfigDict
     model: experiment.ScoreModel
+    train_model: experiment.ScoreModel
     mesh: jax.sharding.Mesh
     quick: bool
     tier: str
@@ -278,5 +280,7 @@ def make_bench(name: str, n_devices: int, quick: bool, overrides: Sequence[str] 
     except ValueError as error:
         raise SystemExit(str(error)) from None
     mesh = parallel.make_mesh(devices=jax.devices()[:n_devices])
-    return Bench(name, spec, config, experiment.build_score_model(config), mesh, quick,
-                 tier(quick))
+    model = experiment.build_score_model(config)
+    train_model = (model if config.training.compute_dtype == "float32"
+                   else train.build_training_model(config))
+    return Bench(name, spec, config, model, train_model, mesh, quick, tier(quick))

@@ -1,15 +1,13 @@
 """The train-step section (and the probe noise of the penalty's gradient).
 
 train      one jitted train step per variant, built from the variant's config exactly as
-           train.train builds it (losses.make_loss_fn(**config.loss), train.make_optimizer,
-           train.make_step_selector with the state's sharding and the config's EMA schedule
-           and gradient accumulation), timed side by side: every round runs each variant in
+           train.train builds it (train.make_training_programs, on the model in
+           training.compute_dtype), timed side by side: every round runs each variant in
            turn on one shared state, so load changes on a shared machine hit all variants
            alike and the ratio to DSM stays meaningful.
 gradnoise  probe noise of the penalty's parameter gradient for each loss.qc_gradient.
 """
 
-import functools
 import math
 import statistics
 import time
@@ -20,7 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from benchmarks import common
-from qcsbm_jax import asymmetry, losses, parallel, train
+from qcsbm_jax import asymmetry, train
 from qcsbm_jax.sde import bcast
 
 # Train-step variants: config.loss settings on top of the run's config (with its
@@ -47,27 +45,13 @@ def variant_config(bench: common.Bench, name: str) -> ml_collections.ConfigDict:
     return config
 
 
-def _state_sharding(bench: common.Bench, optimizer):
-    init = lambda p: train.init_state(p, optimizer, bench.config.seed)
-    return init, parallel.state_sharding(bench.mesh, jax.eval_shape(init,
-                                                                    bench.model.init_params))
-
-
 def step_programs(bench: common.Bench, name: str) -> list[tuple[Callable, int]]:
     """The jitted train steps of one variant, as train.train makes them, and how many
     times a cycle runs each (qc_every = k: the penalised program once, the plain one
     k - 1 times)."""
     config = variant_config(bench, name)
-    optimizer = train.make_optimizer(config.optim)
-    loss_fn = losses.make_loss_fn(bench.model.score_fn, bench.model.sde, **config.loss)
-    _, sharding = _state_sharding(bench, optimizer)
+    step_for = train.make_training_programs(config, bench.train_model, bench.mesh).step_for
     every = config.loss.qc_every if config.loss.qc_weight > 0 else 1
-    step_for = train.make_step_selector(
-        loss_fn, optimizer, train.ema_decay_schedule(config.optim), every,
-        functools.partial(jax.jit, in_shardings=(sharding, parallel.data_sharding(bench.mesh)),
-                          out_shardings=(sharding, parallel.replicated(bench.mesh)),
-                          donate_argnums=0),
-        grad_accum_steps=config.training.grad_accum_steps)
     return [(step_for(0), 1)] + ([(step_for(1), every - 1)] if every > 1 else [])
 
 
@@ -102,8 +86,9 @@ def bench_train(bench: common.Bench, batch: int, variants: list[str], rounds: in
     every-k variants), so it is the amortised cost per step. report(rows) gets the rows
     measured so far after each compilation and each round, so a run cut short keeps them.
     """
-    init, sharding = _state_sharding(bench, train.make_optimizer(bench.config.optim))
-    state = jax.jit(init, out_shardings=sharding)(bench.model.init_params)
+    programs = train.make_training_programs(bench.config, bench.train_model, bench.mesh)
+    state = jax.jit(programs.init, out_shardings=programs.sharding)(
+        bench.train_model.init_params)
     data = bench.shard(bench.data(batch))
     cycles, info, times = {}, {}, {}
     for name in variants:
@@ -150,7 +135,7 @@ def bench_gradient_noise(bench: common.Bench, batch: int, num_draws: int) -> lis
     all draws of both modes; mean_gap is the distance between the two modes' means on the
     same scale (about rel_noise / sqrt(num_draws) when they agree).
     """
-    model = bench.model
+    model = bench.train_model
     shape = (batch, *model.data_shape)
     kt, kz, kv = jax.random.split(jax.random.key(7), 3)
     t = jax.random.uniform(kt, (batch,), minval=0.05, maxval=1.0)

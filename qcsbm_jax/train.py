@@ -4,7 +4,7 @@ import functools
 import signal
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax
 import jax
@@ -207,29 +207,53 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
         return _train(config, workdir)
 
 
+class TrainingPrograms(NamedTuple):
+    """What a run trains with (make_training_programs). init: params -> TrainState;
+    sharding: the state's shardings on the mesh; step_for: make_step_selector's, jitted
+    with those shardings and the batch split over the mesh's data axis."""
+    optimizer: optax.GradientTransformation
+    init: Callable[[Any], TrainState]
+    sharding: Any
+    step_for: Callable[[int], Callable]
+
+
+def build_training_model(config: ml_collections.ConfigDict) -> experiment.ScoreModel:
+    """The score model as training runs it: in training.compute_dtype (evaluation and
+    sampling build theirs in float32)."""
+    return experiment.build_score_model(config, config.training.get("compute_dtype", "float32"))
+
+
+def make_training_programs(config: ml_collections.ConfigDict, model: experiment.ScoreModel,
+                           mesh) -> TrainingPrograms:
+    """The optimizer, state initialiser and jitted train steps of `config` for `model`
+    (build_training_model's) on `mesh`, exactly as train() runs them; the benchmarks time
+    these."""
+    optimizer = make_optimizer(config.optim)
+    loss_fn = losses.make_loss_fn(model.score_fn, model.sde, **config.loss)
+    init = lambda p: init_state(p, optimizer, config.seed)
+    sharding = parallel.state_sharding(mesh, jax.eval_shape(init, model.init_params))
+    qc_every = config.loss.qc_every if config.loss.qc_weight > 0 else 1
+    step_for = make_step_selector(
+        loss_fn, optimizer, ema_decay_schedule(config.optim), qc_every,
+        functools.partial(jax.jit, in_shardings=(sharding, parallel.data_sharding(mesh)),
+                          out_shardings=(sharding, parallel.replicated(mesh)),
+                          donate_argnums=0),
+        grad_accum_steps=config.training.grad_accum_steps)
+    return TrainingPrograms(optimizer, init, sharding, step_for)
+
+
 def _train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     mesh = parallel.make_mesh(config.parallel.data_axis, config.parallel.model_axis)
     batch_size = config.training.batch_size
     parallel.check_batch_size(batch_size, mesh)
     _check_accumulation(batch_size, config.training.grad_accum_steps, mesh)
     local_batch = data.make_train_batches(config)  # Bad data fail before the model is built.
-    model = experiment.build_score_model(config,
-                                         config.training.get("compute_dtype", "float32"))
-    optimizer = make_optimizer(config.optim)
-    loss_fn = losses.make_loss_fn(model.score_fn, model.sde, **config.loss)
-
-    init = lambda p: init_state(p, optimizer, config.seed)
-    sharding = parallel.state_sharding(mesh, jax.eval_shape(init, model.init_params))
-    state = jax.jit(init, out_shardings=sharding)(model.init_params)
+    model = build_training_model(config)
+    programs = make_training_programs(config, model, mesh)
+    optimizer = programs.optimizer
+    state = jax.jit(programs.init, out_shardings=programs.sharding)(model.init_params)
     metadata = {"config": config.to_dict(),
                 "signature": experiment.model_signature(config, model.init_params)}
-    qc_every = config.loss.qc_every if config.loss.qc_weight > 0 else 1
-    train_step_for = make_step_selector(
-        loss_fn, optimizer, ema_decay_schedule(config.optim), qc_every,
-        functools.partial(jax.jit, in_shardings=(sharding, parallel.data_sharding(mesh)),
-                          out_shardings=(sharding, parallel.replicated(mesh)),
-                          donate_argnums=0),
-        grad_accum_steps=config.training.grad_accum_steps)
 
     def batch_at(step: int) -> jax.Array:
         return parallel.global_batch(local_batch(step), mesh)
@@ -261,7 +285,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
         history = []
         try:
             for step in range(start, num_steps):
-                state, metrics = train_step_for(step)(state, batch_at(step))
+                state, metrics = programs.step_for(step)(state, batch_at(step))
                 history.append(metrics)
                 done = step + 1
                 report(done, time.time())

@@ -141,3 +141,25 @@ def test_train_rows_are_reported_as_they_are_measured():
     assert all(r["step_ms"] > 0 and r["compile_s"] > 0 for r in reports[2])
     assert reports[-1] == final and final[0]["ratio_to_dsm"] == 1.0
     assert 2.0 < final[1]["flop_ratio"] < 2.6  # J^T v not differentiated: ~7/3, not ~3
+
+
+def test_compute_dtype_override_reaches_the_train_step_only():
+    """--override training.compute_dtype=bfloat16 times the train step users would run in
+    bfloat16 (train.build_training_model), while the samplers stay float32 as in use."""
+    import jax
+    import jax.numpy as jnp
+    from benchmarks import common
+    bench = common.make_bench("toy", 1, quick=True,
+                              overrides=["training.compute_dtype=bfloat16"])
+    assert bench.train_model is not bench.model
+
+    def dot_dtypes(score_fn, params):
+        x, t = jnp.ones((4, 2)), jnp.full((4,), 0.5)
+        jaxpr = jax.make_jaxpr(lambda p: score_fn(p, x, t, None))(params)
+        return {str(e.invars[0].aval.dtype) for e in jaxpr.eqns
+                if e.primitive.name == "dot_general"}
+
+    assert dot_dtypes(bench.train_model.score_fn, bench.train_model.init_params) == {"bfloat16"}
+    assert dot_dtypes(bench.model.score_fn, bench.model.init_params) == {"float32"}
+    float32 = common.make_bench("toy", 1, quick=True)
+    assert float32.train_model is float32.model
