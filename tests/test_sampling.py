@@ -29,9 +29,10 @@ def gaussian_score(sde, mu, s0):
 
 
 def marginal(sde, mu, s0, t):
-    """Mean [D] and variance of the data's marginal at scalar time t."""
+    """Mean and variance (shapes of mu and s0) of N(mu, s0^2)'s marginal at scalar time t."""
     t = jnp.full((1,), t)
-    return sde.alpha(t)[0] * mu, float(jnp.square(sde.alpha(t)[0] * s0) + jnp.square(sde.std(t)[0]))
+    alpha = sde.alpha(t)[0]
+    return alpha * mu, jnp.square(alpha * s0) + jnp.square(sde.std(t)[0])
 
 
 def check_moments(x, mean, var, bias):

@@ -21,26 +21,12 @@ from qcsbm_jax import config as config_lib, experiment, parallel, sampling
 from qcsbm_jax.sampling import solvers
 from qcsbm_jax.sde import SDE, SubVPSDE, VESDE, VPSDE
 from test_parallel import _meshes
+from test_sampling import gaussian_score, marginal
 
 EPS = 1e-3
 MU, S0 = jnp.array([1.0, -2.0, 0.5]), jnp.array([0.5, 2.0, 0.05])
 SDES = {"ve": VESDE(sigma_min=0.01, sigma_max=50.0), "vp": VPSDE(), "subvp": SubVPSDE()}
 ORDERS = {"euler": 1, "heun": 2, "dpm_solver_2m": 2}
-
-
-def gaussian_score(sde, mu, s0):
-    def score_fn(params, x, t, key=None):
-        del params, key
-        alpha, std = sde.alpha(t)[:, None], sde.std(t)[:, None]
-        return -(x - alpha * mu) / (jnp.square(alpha * s0) + jnp.square(std))
-    return score_fn
-
-
-def marginal(sde, mu, s0, t):
-    """Mean [D] and variance [D] of the data's marginal at scalar time t."""
-    t = jnp.full((1,), t)
-    alpha = sde.alpha(t)[0]
-    return alpha * mu, jnp.square(alpha * s0) + jnp.square(sde.std(t)[0])
 
 
 def prior_draws(sde, keys, shape):
