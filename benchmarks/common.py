@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Sequence
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import flags
@@ -90,6 +91,11 @@ def print_machine(info: dict) -> None:
     print(f"# {datetime.datetime.now().isoformat(timespec='seconds')} on {info['backend']} "
           f"({info['device_kind']} x{info['device_count']}; {info['cpu']}, "
           f"{info['cpu_count']} cores), load average {info['load_average']}", flush=True)
+
+
+def flat_leaves(tree) -> jax.Array:
+    """Every leaf of a pytree (e.g. a parameter gradient) raveled into one vector."""
+    return jnp.concatenate([jnp.ravel(a) for a in jax.tree.leaves(tree)])
 
 
 # ---------------------------------------------------------------------------- tables, JSON

@@ -17,14 +17,12 @@ uniform-noise images. Standalone (not part of benchmarks.run); not run in CI.
 """
 
 import argparse
-import datetime
-import json
-import platform
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks import common
 from qcsbm_jax import asymmetry, config as config_lib, losses, models, score, sde as sde_lib
 from qcsbm_jax.data import toy
 from qcsbm_jax.sde import bcast
@@ -35,10 +33,6 @@ MODELS = {
     "toy": (lambda: config_lib.toy_config("checkerboard", "usbm"), 5000),
     "ncsnpp_small": (lambda: config_lib.image_config("cifar10", "usbm", "small"), 16),
 }
-
-
-def _flat(tree) -> jax.Array:
-    return jnp.concatenate([jnp.ravel(a) for a in jax.tree.leaves(tree)])
 
 
 def _relative(a: jax.Array, b: jax.Array) -> float:
@@ -73,7 +67,7 @@ def _programs(score_fn, sde, x0: jax.Array, eps: float) -> dict:
         _, per_sample = asymmetry.asymmetry_penalty(field, x, t, probe_key, gradient=gradient)
         return jnp.mean(jnp.square(std) * per_sample)
 
-    grad = lambda f: jax.jit(lambda p, k: _flat(jax.grad(f)(p, k)))
+    grad = lambda f: jax.jit(lambda p, k: common.flat_leaves(jax.grad(f)(p, k)))
     return dict(dsm=jax.jit(dsm), dsm_grad=grad(dsm),
                 qc=jax.jit(lambda p, k: penalty(p, k, "estimate")),
                 qc_grad_estimate=grad(lambda p, k: penalty(p, k, "estimate")),
@@ -121,14 +115,6 @@ def precision_rows(name: str, num_draws: int, dtype: str = "bfloat16") -> list[d
     return rows
 
 
-def format_table(rows: list[dict]) -> str:
-    lines = ["| model | batch | quantity | bf16 vs f32 | sampling noise | error / noise |",
-             "|---|---|---|---|---|---|"]
-    lines += [f"| {r['model']} | {r['batch']} | {r['quantity']} | {r['low_vs_f32']:.2e} | "
-              f"{r['sample_noise']:.2e} | {r['error_over_noise']:.3f} |" for r in rows]
-    return "\n".join(lines)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.precision",
                                      description=__doc__.split("\n")[0])
@@ -142,14 +128,12 @@ def main() -> None:
     if unknown or args.draws < 2:
         parser.error(f"--models: unknown {unknown}; choose from {sorted(MODELS)}; "
                      "--draws must be >= 2.")
+    info = common.machine()
+    common.print_machine(info)
     rows = [row for name in names for row in precision_rows(name, args.draws)]
-    print(format_table(rows))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(date=datetime.datetime.now().isoformat(timespec="seconds"),
-                           machine=platform.processor() or platform.machine(),
-                           jax=jax.__version__, backend=jax.default_backend(), rows=rows),
-                      f, indent=1)
+    print(common.markdown_table(rows, ("model", "batch", "quantity", "low_vs_f32",
+                                       "sample_noise", "error_over_noise")))
+    common.write_json(args.json, dict(machine=info, rows=rows))
 
 
 if __name__ == "__main__":

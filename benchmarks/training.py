@@ -142,14 +142,13 @@ def bench_gradient_noise(bench: common.Bench, batch: int, num_draws: int) -> lis
     mean, std = model.sde.marginal_mean_std(jnp.asarray(bench.data(batch)), t)
     x = mean + bcast(std, mean) * jax.random.normal(kz, shape)
     probe_keys = jax.random.split(kv, num_draws)
-    flat = lambda tree: jnp.concatenate([jnp.ravel(a) for a in jax.tree.leaves(tree)])
 
     def gradients(gradient):
         def penalty(params, key):
             field = lambda y, times: model.score_fn(params, y, times, None)
             _, per_sample = asymmetry.asymmetry_penalty(field, x, t, key, gradient=gradient)
             return jnp.mean(jnp.square(std) * per_sample)
-        grad = jax.jit(lambda p, key: flat(jax.grad(penalty)(p, key)))
+        grad = jax.jit(lambda p, key: common.flat_leaves(jax.grad(penalty)(p, key)))
         return jnp.stack([grad(model.init_params, key) for key in probe_keys])
 
     draws = {mode: gradients(mode) for mode in asymmetry.GRADIENTS}
