@@ -1,4 +1,5 @@
-"""The NFE-quality experiment: its distance against closed forms, and a tiny end to end."""
+"""The NFE-quality experiments: the toy distance against closed forms and a tiny end to end;
+the image curves on a Gaussian stand-in model with a stand-in feature network."""
 
 import json
 import os
@@ -6,8 +7,11 @@ import os
 import numpy as np
 import pytest
 
-from qcsbm_jax import train
-from qcsbm_jax.experiments import nfe_quality, toy_sweep
+from qcsbm_jax import fid, train
+from qcsbm_jax.experiments import nfe_quality, nfe_quality_images, toy_sweep
+from qcsbm_jax.fid import pipeline
+from test_evaluate_images import (DIMS, _config, _gaussian_images, _save_checkpoint,
+                                  tiny_image_data)
 
 
 def test_sliced_wasserstein_of_shifted_gaussians():
@@ -53,3 +57,71 @@ def test_end_to_end_on_a_tiny_sweep(tmp_path):
     with open(tmp_path / "out" / "results.json") as f:
         assert json.load(f)["gaussians8"]["floor"] > 0
     assert os.path.getsize(tmp_path / "out" / "gaussians8.png") > 0
+
+
+class _PixelFeatures(pipeline.FeatureNetwork):
+    """Stands in for Inception (whose compilation the evaluator's tests already pay):
+    features tanh(10 x W) of the pixels x in [0, 1] and a fixed W [D, 2048]."""
+
+    def __init__(self, mesh, weights=None, batch_size=None):
+        del weights, batch_size
+        self.mesh, self.batch_size = mesh, 8
+        self.weights = fid.Weights({}, "pixel-stand-in", "test")
+        self._projection = np.random.default_rng(0).standard_normal((DIMS, 2048)) / 4
+
+    def __call__(self, pixels):
+        x = pixels.reshape(len(pixels), -1).astype(np.float64) / 255
+        return {"pool_3": np.tanh(x @ self._projection).astype(np.float32)}
+
+
+def test_image_curves_pair_the_runs_and_rank_a_wrong_score_last(tiny_image_data, tmp_path,
+                                                                monkeypatch):
+    """Two 'runs' of the Gaussian stand-in model, the exact score (scale 1) and a score half
+    as strong (scale 0.5, samples too spread): per sampler setting and sampling seed, the
+    exact one has the lower FID, the NFE are the samplers' own counts (with the denoising
+    step), and the paired differences are the per-seed differences of the rows."""
+    monkeypatch.setattr(fid, "FeatureNetwork", _PixelFeatures)
+    # FID's mean term only: the 2048-d eigendecompositions (tests/test_fid_scores.py) would
+    # take most of this test's time.
+    monkeypatch.setattr(pipeline.scores, "fid",
+                        lambda mu1, sigma1, mu2, sigma2: float(np.sum(np.square(mu1 - mu2))))
+    config, runs = _config(), {}
+    config.sampling.update(rho=7.0, corrector="none")  # Heun's time grid; no Langevin in 16-d
+    for label, scale in (("exact", 1.0), ("weak", 0.5)):
+        runs[label] = str(tmp_path / label)
+        _save_checkpoint(config, runs[label], 1, scale)
+    reference_images = _gaussian_images(64, True, seed=5)
+    network = _PixelFeatures(None)
+    stats_path = str(tmp_path / "reference.npz")
+    fid.save_stats(stats_path, fid.reference_statistics(reference_images, network))
+    grid = nfe_quality.settings_grid(["pc", "heun"], [4, 8], [])
+    with pytest.warns(UserWarning, match="rank"):  # 32 images: singular covariances
+        results = nfe_quality_images.run(runs, stats_path, str(tmp_path / "out"), grid,
+                                         num_samples=32, seeds=[0, 1], params="raw")
+    exact, weak = results["models"]["exact"], results["models"]["weak"]
+    assert [(r["method"], r["num_steps"]) for r in exact] == [
+        ("pc", 4), ("pc", 8), ("heun", 4), ("heun", 8)]
+    assert [r["nfe"]["mean"] for r in exact] == [4 + 1, 8 + 1, 2 * 4 + 1, 2 * 8 + 1]
+    for good, bad in zip(exact, weak):
+        assert all(g < b for g, b in zip(good["fid"]["values"], bad["fid"]["values"]))
+        assert 0 <= good["precision"]["mean"] <= 1 and np.isfinite(good["kid"]["mean"])
+        # The weak score's samples leave [-1, 1]; they are clipped to pixels, not refused.
+        assert bad["clipped"]["mean"] > good["clipped"]["mean"] and bad["failed"]["mean"] == 0
+    paired = results["paired_fid"]["weak - exact"]
+    for row, good, bad in zip(paired, exact, weak):
+        np.testing.assert_allclose(row["fid"]["values"],
+                                   np.subtract(bad["fid"]["values"], good["fid"]["values"]))
+    assert "paired FID difference: weak - exact" in (tmp_path / "out" / "table.md").read_text()
+    assert os.path.getsize(tmp_path / "out" / "fid.png") > 0
+
+
+def test_image_curves_refuse_bad_runs_and_stats(tmp_path):
+    with pytest.raises(ValueError, match="LABEL=DIR"):
+        nfe_quality_images.parse_runs(["runs/a"])
+    with pytest.raises(ValueError, match="twice"):
+        nfe_quality_images.parse_runs(["u=a", "u=b"])
+    stats_path = str(tmp_path / "no_features.npz")
+    np.savez(stats_path, mu=np.zeros(2048), sigma=np.eye(2048))
+    with pytest.warns(UserWarning, match="weights"), pytest.raises(ValueError,
+                                                                    match="--save_features"):
+        nfe_quality_images.run({"u": "a"}, stats_path, str(tmp_path / "out"), [], 8, [0])

@@ -6,7 +6,8 @@ statistics: eval.fid_stats when given (a stats file; pytorch-fid / TTUR files wo
 else the training split's statistics (its first eval.fid_reference_images images; 0 = all,
 the paper's protocol), computed once and cached in
 $QCSBM_CACHE_DIR/fid_stats/<data>_train_<count>_<weights hash>.npz.
-Metrics per method m: fid_m, kid_m, precision_m, recall_m, density_m, coverage_m,
+Samples are scored as the 8-bit pixels a saved sample holds (plotting.to_pixels: values
+outside the data range clipped, as score_sde does). Metrics per method m: fid_m, kid_m, precision_m, recall_m, density_m, coverage_m,
 inception_score_m (weights with logits only) and nfe_m; the protocol (sampler settings,
 sample count, EMA or raw parameters, reference, weights hash, resize) goes beside them.
 """
@@ -19,7 +20,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from qcsbm_jax import data, fid
+from qcsbm_jax import data, fid, plotting
 from qcsbm_jax.evaluation import programs
 from qcsbm_jax.evaluation.outputs import value_range
 from qcsbm_jax.fid import weights as fid_weights
@@ -68,7 +69,7 @@ def make_sample_quality_fn(config, model, mesh) -> Callable[[Any], tuple[dict, d
             samples, nfe = sample_fn(params, programs.eval_key(ev.seed, programs.SAMPLES_STREAM),
                                      ev.fid_samples)
             values, method_protocol = fid.sample_metrics(
-                samples, reference, network, value_range=value_range(config),
+                plotting.to_pixels(samples, value_range(config)), reference, network,
                 label=f"FID samples ({method})")
             results.update({f"{name}_{method}": values[name] for name in REPORTED
                             if name in values})

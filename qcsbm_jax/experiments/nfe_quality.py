@@ -95,36 +95,36 @@ def evaluate_runs(run_dirs: list[str], grid, num_samples: int, reference: np.nda
     return results
 
 
-def summarise(per_seed: dict[int, list[dict]]) -> list[dict]:
+METRICS = ("nfe", "sw", "precision", "recall", "failed")
+
+
+def summarise(per_seed: dict[int, list[dict]], metrics=METRICS) -> list[dict]:
     """Grid rows with every metric as seed_statistics over the seeds (same grid order)."""
     seeds = sorted(per_seed)
     rows = []
     for i, first in enumerate(per_seed[seeds[0]]):
-        row = {k: v for k, v in first.items() if k not in METRICS}
+        row = {k: v for k, v in first.items() if k not in metrics}
         row.update({m: toy_sweep.seed_statistics([per_seed[s][i][m] for s in seeds])
-                    for m in METRICS})
+                    for m in metrics})
         rows.append(dict(row, seeds=seeds))
     return rows
 
 
-METRICS = ("nfe", "sw", "precision", "recall", "failed")
-
-
-def format_table(dataset: str, results: dict, floor: float) -> str:
+def format_table(title: str, results: dict, metrics=METRICS) -> str:
     """Markdown: one row per family and sampler setting, cells mean ± std over seeds."""
-    lines = [f"## {dataset} (sw noise floor {floor:.3g})", "",
-             "| family | method | setting | " + " | ".join(METRICS) + " |",
-             "|---" * (len(METRICS) + 3) + "|"]
+    lines = [f"## {title}", "", "| family | method | setting | " + " | ".join(metrics) + " |",
+             "|---" * (len(metrics) + 3) + "|"]
     for family, rows in results.items():
         for row in rows:
             setting = ", ".join(f"{k}={row[k]}" for k in ("num_steps", "rtol") if k in row)
-            cells = [toy_sweep.format_cell(row[m]) for m in METRICS]
+            cells = [toy_sweep.format_cell(row[m]) for m in metrics]
             lines.append(f"| {family} | {row['method']} | {setting} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-def plot(path: str, dataset: str, results: dict, floor: float) -> None:
-    """sw against NFE (log-log), one panel per method, one line per family (mean over
+def plot(path: str, title: str, results: dict, metric: str = "sw",
+         ylabel: str = "sliced Wasserstein-2", floor: float | None = None) -> None:
+    """metric against NFE (log-log), one panel per method, one line per family (mean over
     seeds, band: min to max over seeds)."""
     methods = list(dict.fromkeys(row["method"] for rows in results.values() for row in rows))
     panels = {}
@@ -132,12 +132,12 @@ def plot(path: str, dataset: str, results: dict, floor: float) -> None:
         panels[method] = {}
         for family, rows in results.items():
             chosen = [r for r in rows if r["method"] == method]
-            values = np.array([r["sw"]["values"] for r in chosen], float)
+            values = np.array([r[metric]["values"] for r in chosen], float)
             panels[method][family] = (np.array([r["nfe"]["mean"] for r in chosen]),
                                       np.nanmean(values, axis=1), np.nanmin(values, axis=1),
                                       np.nanmax(values, axis=1))
-    plotting.panels_png(path, panels, floor=floor, xlabel="NFE per sample",
-                        ylabel="sliced Wasserstein-2", title=f"{dataset}: quality against NFE")
+    plotting.panels_png(path, panels, floor=floor, xlabel="NFE per sample", ylabel=ylabel,
+                        title=f"{title}: quality against NFE")
 
 
 def run(sweep: str, workdir: str, datasets, families, seeds, grid, num_samples: int) -> dict:
@@ -161,9 +161,10 @@ def run(sweep: str, workdir: str, datasets, families, seeds, grid, num_samples: 
                                         "(experiments/toy_sweep.py) first.")
             per_run = evaluate_runs(run_dirs, grid, num_samples, reference)
             results[dataset]["families"][family] = summarise(dict(zip(seeds, per_run)))
-        plot(os.path.join(workdir, f"{dataset}.png"), dataset,
-             results[dataset]["families"], floor)
-        tables.append(format_table(dataset, results[dataset]["families"], floor))
+        plot(os.path.join(workdir, f"{dataset}.png"), dataset, results[dataset]["families"],
+             floor=floor)
+        tables.append(format_table(f"{dataset} (sw noise floor {floor:.3g})",
+                                   results[dataset]["families"]))
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "results.json"), "w") as f:
             json.dump(results, f, indent=1)

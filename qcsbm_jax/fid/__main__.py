@@ -36,6 +36,7 @@ import os
 import sys
 
 import numpy as np
+from absl import logging
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -157,4 +158,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    logging.set_verbosity(logging.INFO)  # progress of the long parts, on stderr
     sys.exit(main())
