@@ -61,7 +61,7 @@ def test_end_to_end_on_a_tiny_sweep(tmp_path):
 
 class _PixelFeatures(pipeline.FeatureNetwork):
     """Stands in for Inception (whose compilation the evaluator's tests already pay):
-    features tanh(10 x W) of the pixels x in [0, 1] and a fixed W [D, 2048]."""
+    features tanh(x W) of the pixels x in [0, 1] and a fixed W [D, 2048] ~ N(0, 1/16)."""
 
     def __init__(self, mesh, weights=None, batch_size=None):
         del weights, batch_size

@@ -7,9 +7,10 @@ else the training split's statistics (its first eval.fid_reference_images images
 the paper's protocol), computed once and cached in
 $QCSBM_CACHE_DIR/fid_stats/<data>_train_<count>_<weights hash>.npz.
 Samples are scored as the 8-bit pixels a saved sample holds (plotting.to_pixels: values
-outside the data range clipped, as score_sde does). Metrics per method m: fid_m, kid_m, precision_m, recall_m, density_m, coverage_m,
-inception_score_m (weights with logits only) and nfe_m; the protocol (sampler settings,
-sample count, EMA or raw parameters, reference, weights hash, resize) goes beside them.
+outside the data range clipped, as score_sde does). Metrics per method m: fid_m, kid_m,
+precision_m, recall_m, density_m, coverage_m, inception_score_m (weights with logits only)
+and nfe_m; the protocol (sampler settings, sample count, EMA or raw parameters, reference,
+weights hash, resize) goes beside them.
 """
 
 import os

@@ -74,7 +74,7 @@ def evaluate_runs(runs: dict[str, str], grid, num_samples: int, seeds, reference
             for method, overrides in grid:
                 samples, info = run.sample(num_samples, method=method, seed=seed, **overrides)
                 values, _ = fid.sample_metrics(
-                    plotting.to_pixels(samples, value_range(run.config)), reference, network,
+                    plotting.to_pixels(samples, (lo, hi)), reference, network,
                     feature_samples=num_samples, label=f"{label} {method} {overrides}")
                 rows.append(dict(method=method, **overrides, nfe=float(np.mean(info["nfe"])),
                                  **{m: values[m] for m in METRICS if m in values},
