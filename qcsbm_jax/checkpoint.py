@@ -2,8 +2,9 @@
 
 Layout: WORKDIR/checkpoints/<step>/{state, metadata}. `state` is the training pytree
 (orbax StandardSave), `metadata` a JSON dict (the run's config and model signature, and an
-optional NOTE for whoever restores it) plus an integrity record: a content checksum of every array (checksums.py, computed on the
-devices that hold the arrays) and a digest of the metadata itself. Every restore checks
+optional NOTE for whoever restores it) plus an integrity record: a content checksum of
+every array (checksums.py, computed on the devices that hold the arrays) and a digest of
+the metadata itself. Every restore checks
 them, so damaged data are never restored silently; steps written before the record
 existed are restored with a warning that they are not verified.
 A step that cannot be read or does not verify raises CorruptCheckpointError naming its
@@ -23,7 +24,6 @@ which coordinates processes itself; every process reaches the same verdict on a 
 import json
 import logging as std_logging
 import os
-import sys
 from typing import Any
 
 import jax
@@ -33,7 +33,7 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
-from qcsbm_jax import checksums
+from qcsbm_jax import checksums, read_failures
 
 STATE = "state"
 METADATA = "metadata"
@@ -45,13 +45,6 @@ INTEGRITY = checksums.RECORD  # Reserved metadata key: checksums and digest (mod
 DAMAGED_DIR = "damaged_checkpoints"  # WORKDIR/damaged_checkpoints/<step>: set aside.
 _MAX_LISTED = 10
 READ_ONLY_ADVICE = "Point at another run of this model (same network, family and data)."
-# What orbax/tensorstore raise for missing, truncated or garbled files; orbax wraps some
-# of them in a bare Exception (see _read_problem). Anything else (e.g. running out of
-# device memory) is not a damaged checkpoint and propagates as is.
-_READ_ERRORS = (OSError, ValueError, KeyError, EOFError)
-# After a failed read, tensorstore callbacks still pending on the closed asyncio loop of
-# that read report these as "unraisable" tracebacks: noise after an error we report.
-_AFTER_FAILED_READ = ("Event loop is closed", "Encountered error while reading array")
 
 
 class CheckpointError(Exception):
@@ -126,34 +119,6 @@ def move_aside_advice(step_dir: str) -> str:
     failed for another reason), which makes the previous step the newest."""
     return (f"Move {step_dir} out of {os.path.dirname(step_dir)} (keep it until you know "
             "it is damaged) to fall back to the previous step, then rerun.")
-
-
-def _read_problem(error: Exception) -> tuple[str, BaseException]:
-    """(what failed, the underlying error) for an error that means unreadable files;
-    re-raises any other error. Orbax re-raises a failed array read as a bare Exception
-    whose cause is the tensorstore error (or whatever interrupted the read)."""
-    cause = error
-    while type(cause) is Exception and cause.__cause__ is not None:
-        cause = cause.__cause__
-    if not isinstance(cause, _READ_ERRORS):
-        raise cause
-    reason = (str(cause).splitlines() or [""])[0][:300]
-    return f"reading it failed ({type(cause).__name__}: {reason})", cause
-
-
-def _ignore_noise_after_failed_reads() -> None:
-    """Drops the unraisable tracebacks of _AFTER_FAILED_READ (once per process); every
-    other unraisable exception still reaches the previous hook."""
-    previous = sys.unraisablehook
-    if getattr(previous, "_drops_failed_read_noise", False):
-        return
-
-    def hook(unraisable):
-        if not str(unraisable.exc_value).startswith(_AFTER_FAILED_READ):
-            previous(unraisable)
-
-    hook._drops_failed_read_noise = True
-    sys.unraisablehook = hook
 
 
 def _all_processes(ok: bool) -> bool:
@@ -277,7 +242,7 @@ class Checkpointer:
         Raises IncompatibleCheckpointError if the stored tree does not match the target,
         CorruptCheckpointError if the step cannot be read or does not verify.
         """
-        _ignore_noise_after_failed_reads()
+        read_failures.ignore_noise_after_failed_reads()
         step = self._existing_step(step)
         target = _storage_target(abstract_state)
         problem, cause = None, None
@@ -287,8 +252,8 @@ class Checkpointer:
             metadata = restored[METADATA]
             if not isinstance(metadata, dict):
                 raise ValueError(f"{METADATA}/{METADATA} holds no JSON object")
-        except Exception as error:  # pylint: disable=broad-except; _read_problem re-raises
-            problem, cause = _read_problem(error)
+        except Exception as error:  # pylint: disable=broad-except; read_problem re-raises
+            problem, cause = read_failures.read_problem(error)
         if not _all_processes(problem is None):
             raise self._corrupt(step, problem or "another process of the job could not "
                                 "read it (see its log)") from cause
@@ -337,7 +302,7 @@ class Checkpointer:
         args = ocp.args.Composite(**{METADATA: ocp.args.JsonRestore()})
         try:
             metadata = dict(self._manager.restore(step, args=args)[METADATA])
-        except _READ_ERRORS as e:
+        except read_failures.READ_ERRORS as e:
             raise self._corrupt(step, e) from e
         metadata[RESTORED_FROM] = self.step_dir(step)
         return metadata
