@@ -25,11 +25,17 @@ import, so the official code takes its own CPU path (upfirdn2d_native).
 Rounds are interleaved: each round runs every step of both sides in turn, so a change of
 load on a shared machine hits all of them alike; ratios are taken within each round and
 reported as median and range over rounds.
+
+What limits each side: the floating-point operations of one step (ours: XLA's count of
+the compiled program, every operation; theirs: torch's flop formulas, which count
+convolutions and matrix products only), the rate a step reaches (GFLOP/s at its median
+time), and that rate as a share of the same library's rate on a plain 3 x 3 convolution
+of the network's first level (batch x 32 x 32 x nf, nf -> nf channels; the fastest of
+100 calls) on this machine.
 """
 
 import argparse
 import datetime
-import importlib.util
 import json
 import os
 import platform
@@ -37,6 +43,8 @@ import statistics
 import subprocess
 import sys
 import time
+
+from benchmarks import official_steps
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OFFICIAL_DEFAULT = "../qcsbm/real_world"
@@ -50,7 +58,6 @@ OURS = {
     "qc_jvp_frac25": (dict(estimator="nonneg", qc_gradient="jvp", qc_fraction=0.25),
                       "QC, qc_gradient='jvp', qc_fraction 0.25"),
 }
-THEIRS = {"dsm": "DSM", "qc": "QC (double backward)"}
 NETWORKS = {
     "small": dict(variant="small", steps_per_round=2),
     "deep": dict(variant=None, steps_per_round=1),
@@ -70,6 +77,7 @@ def worker(args: argparse.Namespace) -> None:
     import jax
     import numpy as np
 
+    from benchmarks import common
     from qcsbm_jax import experiment, losses, train
 
     cfg = _our_config(args.network)
@@ -87,11 +95,12 @@ def worker(args: argparse.Namespace) -> None:
                           donate_argnums=0)
         start = time.perf_counter()
         compiled = program.lower(state, data).compile()
-        info[name] = dict(compile_s=time.perf_counter() - start)
+        info[name] = dict(compile_s=time.perf_counter() - start, gflop=common.gflops(compiled))
         state, _ = jax.block_until_ready(compiled(state, data))  # Warm-up.
         steps[name] = compiled
     num_params = sum(int(np.size(a)) for a in jax.tree.leaves(model.init_params))
-    _reply(dict(ready=True, num_params=num_params, info=info, jax=jax.__version__))
+    _reply(dict(ready=True, num_params=num_params, info=info, jax=jax.__version__,
+                conv_gflop_per_s=common.conv_gflop_per_s(args.batch, 32, cfg.model.nf)))
     for line in sys.stdin:
         command = line.split()
         if command[0] == "quit":
@@ -141,86 +150,6 @@ class OurSide:
         self.process.wait()
 
 
-# ---------------------------------------------------------------------------- theirs (torch)
-
-def _import_official(path: str):
-    """The official modules, with the CUDA-extension compiler stubbed before `op` loads."""
-    if not os.path.isfile(os.path.join(path, "losses.py")):
-        raise SystemExit(f"--official {path}: not the real_world/ folder of a checkout of "
-                         "chen-hao-chao/qcsbm (no losses.py there).")
-    import torch.utils.cpp_extension
-    torch.utils.cpp_extension.load = lambda *a, **k: None  # op/ then runs its CPU path.
-    sys.path.insert(0, path)
-    import losses as official_losses
-    import sde_lib
-    from models import ncsnpp  # noqa: F401  (registers 'ncsnpp')
-    from models import utils as model_utils
-    from models.ema import ExponentialMovingAverage
-    spec = importlib.util.spec_from_file_location(
-        "official_config", os.path.join(path, "configs/qc_ncsn/training/"
-                                              "cifar10_ncsnpp_deep_continuous.py"))
-    config_module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(config_module)
-    return official_losses, sde_lib, model_utils, ExponentialMovingAverage, config_module
-
-
-def _official_config(config_module, ours: dict):
-    """The official CIFAR-10 QC config with our network's settings (ours: our config.model
-    as a dict)."""
-    import torch
-    config = config_module.get_config()
-    for key in ("nf", "ch_mult", "num_res_blocks", "attn_resolutions", "dropout",
-                "resamp_with_conv", "fir", "fir_kernel", "skip_rescale", "resblock_type",
-                "progressive", "progressive_input", "progressive_combine",
-                "embedding_type", "fourier_scale", "init_scale"):
-        value, official = ours[key], getattr(config.model, key)
-        if isinstance(official, (list, tuple)):
-            value = type(official)(value)
-        elif type(official) is int and float(value).is_integer():  # 16.0 -> 16
-            value = int(value)
-        setattr(config.model, key, value)
-    config.device = torch.device("cpu")
-    return config
-
-
-class TheirSide:
-    """The official train steps (DSM and QC) on one model, optimiser and EMA."""
-
-    def __init__(self, args: argparse.Namespace, our_model: dict):
-        import torch
-        if args.threads:
-            torch.set_num_threads(args.threads)
-        losses, sde_lib, model_utils, ema_cls, config_module = _import_official(args.official)
-        config = _official_config(config_module, our_model)
-        torch.manual_seed(0)
-        model = model_utils.create_model(config)
-        model.train()
-        optimizer = losses.get_optimizer(config, model.parameters())
-        self.state = dict(optimizer=optimizer, model=model, step=0,
-                          ema=ema_cls(model.parameters(), decay=config.model.ema_rate))
-        sde = sde_lib.VESDE(sigma_min=config.model.sigma_min,
-                            sigma_max=config.model.sigma_max, N=config.model.num_scales)
-        self.steps = {
-            name: losses.get_step_fn(
-                sde, train=True, optimize_fn=losses.optimization_manager(config),
-                reduce_mean=False, continuous=True, likelihood_weighting=False,
-                balancing_fac=QC_WEIGHT if name == "qc" else 0.0, slices=1)
-            for name in THEIRS}
-        self.batch = torch.rand(args.batch, config.data.num_channels, config.data.image_size,
-                                config.data.image_size)
-        # All parameters: their Fourier frequencies are a frozen nn.Parameter, ours an
-        # nnx.Param read through stop_gradient.
-        self.num_params = sum(p.numel() for p in model.parameters())
-        for name in THEIRS:
-            self.run(name, 1)  # Warm-up.
-
-    def run(self, name: str, count: int) -> float:
-        start = time.perf_counter()
-        for _ in range(count):
-            self.steps[name](self.state, self.batch)
-        return time.perf_counter() - start
-
-
 # ---------------------------------------------------------------------------- driver
 
 def _our_model_dict(args: argparse.Namespace) -> dict:
@@ -233,8 +162,11 @@ def _our_model_dict(args: argparse.Namespace) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def _summary(times: dict, steps: int) -> dict:
-    """Per-step medians and within-round ratios (median, min, max over rounds)."""
+def _summary(times: dict, steps: int, gflop: dict, conv_rate: dict) -> dict:
+    """Per-step medians, within-round ratios (median, min, max over rounds) and rates.
+
+    gflop: 'side/name' -> GFLOP of one step; conv_rate: side -> reference GFLOP/s.
+    """
     per_step = {k: [t / steps for t in v] for k, v in times.items()}
 
     def ratio(a, b):
@@ -246,24 +178,39 @@ def _summary(times: dict, steps: int) -> dict:
               ratio(k, "theirs/dsm" if k == "ours/dsm" else "theirs/qc") for k in ours}
     ratios.update({f"{k} / ours/dsm": ratio(k, "ours/dsm") for k in ours if k != "ours/dsm"})
     ratios["theirs/qc / theirs/dsm"] = ratio("theirs/qc", "theirs/dsm")
-    return dict(step_s={k: statistics.median(v) for k, v in per_step.items()},
-                per_round_step_s=per_step, ratios=ratios)
+    step_s = {k: statistics.median(v) for k, v in per_step.items()}
+    rates = {k: gflop[k] / s for k, s in step_s.items() if gflop.get(k)}
+    return dict(step_s=step_s, per_round_step_s=per_step, ratios=ratios, gflop=gflop,
+                gflop_per_s=rates, conv_gflop_per_s=conv_rate)
 
 
 def format_table(summary: dict) -> str:
     step_s, ratios = summary["step_s"], summary["ratios"]
     span = lambda r: f"{r['median']:.2f} ({r['min']:.2f}-{r['max']:.2f})"
-    lines = ["| step | what | step s | ours / theirs | QC / DSM |", "|---|---|---|---|---|"]
-    for name, what in THEIRS.items():
+
+    def work(key: str) -> str:
+        """'GFLOP | GFLOP/s (share of the side's convolution rate)' of one step."""
+        rate = summary["gflop_per_s"].get(key)
+        if rate is None:
+            return " | "
+        share = rate / summary["conv_gflop_per_s"][key.split("/")[0]]
+        return f"{summary['gflop'][key]:.1f} | {rate:.1f} ({share:.0%})"
+
+    lines = ["| step | what | step s | GFLOP | GFLOP/s (of conv rate) | ours / theirs "
+             "| QC / DSM |", "|---|---|---|---|---|---|---|"]
+    for name, what in official_steps.THEIRS.items():
         key = f"theirs/{name}"
-        lines.append(f"| official {name} | {what} | {step_s[key]:.3f} | | "
+        lines.append(f"| official {name} | {what} | {step_s[key]:.3f} | {work(key)} | | "
                      f"{span(ratios[key + ' / theirs/dsm']) if name == 'qc' else ''} |")
     for key in (k for k in step_s if k.startswith("ours/")):
         name = key.split("/")[1]
         against = [r for k, r in ratios.items() if k.startswith(key + " / theirs")][0]
         to_dsm = ratios.get(key + " / ours/dsm")
         lines.append(f"| qcsbm_jax {name} | {OURS[name][1]} | {step_s[key]:.3f} | "
-                     f"{span(against)} | {span(to_dsm) if to_dsm else ''} |")
+                     f"{work(key)} | {span(against)} | {span(to_dsm) if to_dsm else ''} |")
+    conv = summary["conv_gflop_per_s"]
+    lines.append(f"\nReference 3 x 3 convolution: torch {conv['theirs']:.1f} GFLOP/s, "
+                 f"XLA {conv['ours']:.1f} GFLOP/s.")
     return "\n".join(lines)
 
 
@@ -278,12 +225,24 @@ def _machine() -> dict:
                 torch_threads=torch.get_num_threads(), python=platform.python_version())
 
 
+def _pin_to_one_core() -> int:
+    """Restricts this process, and the worker it starts, to one core; returns it. XLA's
+    CPU convolutions use every core they may, whatever its thread flags say."""
+    if not hasattr(os, "sched_setaffinity"):
+        raise SystemExit("--threads 1 pins both sides to one core, which needs "
+                         "os.sched_setaffinity (Linux); run with --threads 0 elsewhere.")
+    core = min(os.sched_getaffinity(0))
+    os.sched_setaffinity(0, {core})
+    return core
+
+
 def main(args: argparse.Namespace) -> dict:
+    core = _pin_to_one_core() if args.threads == 1 else None
     start_load = os.getloadavg()
     print(f"# {datetime.datetime.now().isoformat(timespec='seconds')}: NCSN++ {args.network}, "
           f"batch {args.batch}; load average {start_load}", flush=True)
     our_model = _our_model_dict(args)
-    theirs = TheirSide(args, our_model)
+    theirs = official_steps.TheirSide(args, our_model, QC_WEIGHT)
     print(f"  official side ready: {theirs.num_params} parameters", flush=True)
     ours = OurSide(args)
     print(f"  qcsbm_jax side ready: {ours.ready['num_params']} parameters; compile s "
@@ -294,7 +253,7 @@ def main(args: argparse.Namespace) -> dict:
         raise SystemExit(f"Not the same network: {ours.ready['num_params']} parameters "
                          f"against the official {theirs.num_params}.")
     steps = NETWORKS[args.network]["steps_per_round"]
-    times = {f"theirs/{k}": [] for k in THEIRS} | {f"ours/{k}": [] for k in args.ours}
+    times = {f"theirs/{k}": [] for k in official_steps.THEIRS} | {f"ours/{k}": [] for k in args.ours}
     loads = []
     for round_index in range(args.rounds):
         for key in times:
@@ -305,11 +264,15 @@ def main(args: argparse.Namespace) -> dict:
         print(f"  round {round_index + 1}/{args.rounds}: "
               f"{ {k: round(v[-1] / steps, 3) for k, v in times.items()} }", flush=True)
     ours.close()
-    summary = _summary(times, steps)
+    gflop = ({f"theirs/{k}": v for k, v in theirs.gflop.items()}
+             | {f"ours/{k}": v["gflop"] for k, v in ours.ready["info"].items()})
+    summary = _summary(times, steps, gflop, dict(theirs=theirs.conv_gflop_per_s,
+                                                 ours=ours.ready["conv_gflop_per_s"]))
     result = dict(args=vars(args), machine=dict(_machine(), jax=ours.ready["jax"],
                                                 load_average_start=start_load,
                                                 load_average_rounds=loads,
-                                                load_average_end=os.getloadavg()),
+                                                load_average_end=os.getloadavg(),
+                                                pinned_core=core),
                   num_params=theirs.num_params, steps_per_round=steps,
                   our_compile_s={k: v["compile_s"] for k, v in ours.ready["info"].items()},
                   **summary)
@@ -333,9 +296,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--jax_python", default=os.path.join(REPO, ".venv/bin/python"),
                         help="a Python with qcsbm_jax's dependencies, for our side")
     parser.add_argument("--threads", type=int, default=0, choices=(0, 1),
-                        help="1: one thread on each side (torch.set_num_threads(1); XLA "
-                             "without its multi-threaded Eigen), which a loaded machine "
-                             "disturbs least; 0: each library's default (all cores)")
+                        help="1: both sides pinned to one core (Linux), one thread each "
+                             "(torch.set_num_threads(1); XLA without its multi-threaded "
+                             "Eigen), which a loaded machine disturbs least; 0: each "
+                             "library's default (all cores)")
     parser.add_argument("--json", default=None)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

@@ -1,5 +1,6 @@
 """A seconds-long run of the benchmark runner (python -m benchmarks.run) so it keeps working,
-and checks that it times the programs users run, with the overrides it is given."""
+and checks that it times the programs users run, with the overrides it is given; the
+arithmetic of the side by side with the authors' code (which needs torch to run)."""
 
 import json
 import pathlib
@@ -163,3 +164,39 @@ def test_compute_dtype_override_reaches_the_train_step_only():
     assert dot_dtypes(bench.model.score_fn, bench.model.init_params) == {"float32"}
     float32 = common.make_bench("toy", 1, quick=True)
     assert float32.train_model is float32.model
+
+
+def test_conv_reference_rate_counts_two_operations_per_multiply_add(monkeypatch):
+    """The reference convolution of [2, 4, 4, 3], 3 -> 3 channels, 3 x 3: 2 * 2*4*4 outputs
+    * 3 channels * 27 multiply-adds = 5184 operations; at 1 microsecond that is 5.184
+    GFLOP/s, whatever the machine."""
+    from benchmarks import common
+    calls = []
+    monkeypatch.setattr(common, "seconds", lambda fn: calls.append(fn()) or 1e-6)
+    assert common.conv_gflop_per_s(2, 4, 3, repeats=3) == pytest.approx(5.184)
+    assert len(calls) == 3 and calls[0].shape == (2, 4, 4, 3)
+    np.testing.assert_allclose(calls[0][0, 1, 1], 27.0)  # an interior output: 3 x 3 x 3 ones
+
+
+def test_versus_official_ratios_are_taken_within_rounds():
+    """Our step over theirs and QC over DSM are ratios per round (median and range), the
+    rates are GFLOP over the median step time, and the table shows each side's rate as a
+    share of its own reference convolution rate."""
+    from benchmarks import versus_official
+    times = {"theirs/dsm": [2.0, 4.0, 4.0], "theirs/qc": [10.0, 12.0, 8.0],
+             "ours/dsm": [1.0, 1.0, 2.0], "ours/qc_jvp": [3.0, 2.0, 2.0]}
+    gflop = {"theirs/dsm": 8.0, "theirs/qc": 30.0, "ours/dsm": 10.0, "ours/qc_jvp": 20.0}
+    summary = versus_official._summary(times, 2, gflop, dict(theirs=40.0, ours=50.0))
+    assert summary["step_s"] == {"theirs/dsm": 2.0, "theirs/qc": 5.0, "ours/dsm": 0.5,
+                                 "ours/qc_jvp": 1.0}
+    assert summary["ratios"]["ours/dsm / theirs/dsm"] == dict(median=0.5, min=0.25, max=0.5)
+    assert summary["ratios"]["ours/qc_jvp / theirs/qc"] == dict(median=0.25, min=1 / 6,
+                                                                max=0.3)
+    assert summary["ratios"]["ours/qc_jvp / ours/dsm"] == dict(median=2.0, min=1.0, max=3.0)
+    assert summary["ratios"]["theirs/qc / theirs/dsm"] == dict(median=3.0, min=2.0, max=5.0)
+    assert summary["gflop_per_s"] == {"theirs/dsm": 4.0, "theirs/qc": 6.0, "ours/dsm": 20.0,
+                                      "ours/qc_jvp": 20.0}
+    table = versus_official.format_table(summary)
+    assert ("| official qc | QC (double backward) | 5.000 | 30.0 | 6.0 (15%) | "
+            "| 3.00 (2.00-5.00) |") in table
+    assert "| 1.000 | 20.0 | 20.0 (40%) | 0.25 (0.17-0.30) | 2.00 (1.00-3.00) |" in table
