@@ -200,3 +200,23 @@ def test_versus_official_ratios_are_taken_within_rounds():
     assert ("| official qc | QC (double backward) | 5.000 | 30.0 | 6.0 (15%) | "
             "| 3.00 (2.00-5.00) |") in table
     assert "| 1.000 | 20.0 | 20.0 (40%) | 0.25 (0.17-0.30) | 2.00 (1.00-3.00) |" in table
+
+
+def test_conv_kernels_time_the_three_convolutions_of_a_train_step(monkeypatch):
+    """benchmarks.conv_kernels (XLA side): forward, input gradient and kernel gradient of
+    the same convolution, each rated at 2 operations per multiply-add."""
+    from benchmarks import conv_kernels
+    calls = conv_kernels.xla_calls(1, 4, 2)
+    shapes = {kind: call().shape for kind, call in calls.items()}
+    assert shapes == {"forward": (1, 4, 4, 2), "input_grad": (1, 4, 4, 2),
+                      "kernel_grad": (3, 3, 2, 2)}
+    # Ones everywhere: a kernel entry counts the output positions whose input pixel at its
+    # offset lies inside the 4 x 4 image ('same' padding): all 16 for the centre tap, 3 x 3
+    # for a corner tap.
+    np.testing.assert_allclose(calls["kernel_grad"]()[1, 1], 16.0)
+    np.testing.assert_allclose(calls["kernel_grad"]()[0, 0], 9.0)
+    monkeypatch.setattr(conv_kernels, "SHAPES", ((1, 4, 2),))
+    monkeypatch.setattr(conv_kernels, "_fastest", lambda fn, repeats: 1e-6)
+    (row,) = conv_kernels.measure("xla", repeats=1)
+    assert row.pop("shape") == [1, 4, 4, 2]
+    assert row == pytest.approx(dict(forward=1.152, input_grad=1.152, kernel_grad=1.152))
