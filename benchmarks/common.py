@@ -62,19 +62,6 @@ def gflops(compiled) -> float | None:
     return cost["flops"] / 1e9 if cost and "flops" in cost else None
 
 
-def conv_gflop_per_s(batch: int, size: int, channels: int, repeats: int = 100) -> float:
-    """GFLOP/s of XLA on a 3 x 3 convolution, channels -> channels, of [batch, size, size,
-    channels] with 'same' padding (2 operations per multiply-add), the fastest of
-    `repeats` calls: what a network's main operation reaches on this machine, to set a
-    step's GFLOP/s against."""
-    x, w = jnp.ones((batch, size, size, channels)), jnp.ones((3, 3, channels, channels))
-    conv = jax.jit(lambda x, w: jax.lax.conv_general_dilated(
-        x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")))
-    jax.block_until_ready(conv(x, w))
-    flop = 2.0 * batch * size * size * channels * channels * 9
-    return flop / min(seconds(lambda: conv(x, w)) for _ in range(repeats)) / 1e9
-
-
 def device_peak_mb(mesh) -> float | None:
     """The first device's peak memory in use so far (GPU / TPU memory_stats), in MiB."""
     stats = mesh.devices.flat[0].memory_stats()

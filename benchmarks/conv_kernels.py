@@ -66,18 +66,25 @@ def torch_calls(batch: int, size: int, channels: int) -> dict:
     }
 
 
+def rate(library: str, batch: int, size: int, channels: int, kind: str = "forward",
+         repeats: int = 20) -> float:
+    """GFLOP/s of one convolution kind of [batch, size, size, channels], channels ->
+    channels, 3 x 3, in 'xla' or 'torch' (as many threads as the caller allows): 2
+    operations per multiply-add over the fastest of `repeats` calls."""
+    calls = (torch_calls if library == "torch" else xla_calls)(batch, size, channels)
+    flop = 2.0 * batch * size * size * channels * channels * 9
+    return flop / _fastest(calls[kind], repeats) / 1e9
+
+
 def measure(library: str, repeats: int) -> list[dict]:
+    """One row per shape of SHAPES: its rate for every kind, one thread."""
     if library == "torch":
         import torch
         torch.set_num_threads(1)
-    make_calls = torch_calls if library == "torch" else xla_calls
-    rows = []
-    for batch, size, channels in SHAPES:
-        flop = 2.0 * batch * size * size * channels * channels * 9
-        calls = make_calls(batch, size, channels)
-        rows.append(dict(shape=[batch, size, size, channels], **{
-            kind: flop / _fastest(calls[kind], repeats) / 1e9 for kind in KINDS}))
-    return rows
+    return [dict(shape=[batch, size, size, channels],
+                 **{kind: rate(library, batch, size, channels, kind, repeats)
+                    for kind in KINDS})
+            for batch, size, channels in SHAPES]
 
 
 def main() -> None:

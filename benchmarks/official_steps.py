@@ -11,7 +11,8 @@ import importlib.util
 import os
 import sys
 import time
-import timeit
+
+from benchmarks import conv_kernels
 
 THEIRS = {"dsm": "DSM", "qc": "QC (double backward)"}
 
@@ -88,7 +89,8 @@ class TheirSide:
         for name in THEIRS:
             self.run(name, 1)  # Warm-up.
             self.gflop[name] = _torch_gflop(lambda: self.run(name, 1))
-        self.conv_gflop_per_s = _torch_conv_rate(args.batch, our_model["nf"])
+        self.conv_gflop_per_s = conv_kernels.rate("torch", args.batch, 32, our_model["nf"],
+                                                  repeats=100)
 
     def run(self, name: str, count: int) -> float:
         start = time.perf_counter()
@@ -116,15 +118,3 @@ def _torch_gflop(fn) -> float:
     with Count() as count:
         fn()
     return count.total / 1e9
-
-
-def _torch_conv_rate(batch: int, nf: int, repeats: int = 100) -> float:
-    """GFLOP/s of torch on common.conv_gflop_per_s's convolution (NCHW, fastest of
-    `repeats` calls): the reference rate of their side."""
-    import torch
-    x, w = torch.ones(batch, nf, 32, 32), torch.ones(nf, nf, 3, 3)
-    conv = lambda: torch.nn.functional.conv2d(x, w, padding=1)
-    with torch.no_grad():
-        conv()
-        fastest = min(timeit.timeit(conv, number=1) for _ in range(repeats))
-    return 2.0 * batch * 32 * 32 * nf * nf * 9 / fastest / 1e9

@@ -44,7 +44,7 @@ import subprocess
 import sys
 import time
 
-from benchmarks import official_steps
+from benchmarks import conv_kernels, official_steps
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OFFICIAL_DEFAULT = "../qcsbm/real_world"
@@ -100,7 +100,8 @@ def worker(args: argparse.Namespace) -> None:
         steps[name] = compiled
     num_params = sum(int(np.size(a)) for a in jax.tree.leaves(model.init_params))
     _reply(dict(ready=True, num_params=num_params, info=info, jax=jax.__version__,
-                conv_gflop_per_s=common.conv_gflop_per_s(args.batch, 32, cfg.model.nf)))
+                conv_gflop_per_s=conv_kernels.rate("xla", args.batch, 32, cfg.model.nf,
+                                                   repeats=100)))
     for line in sys.stdin:
         command = line.split()
         if command[0] == "quit":

@@ -166,18 +166,6 @@ def test_compute_dtype_override_reaches_the_train_step_only():
     assert float32.train_model is float32.model
 
 
-def test_conv_reference_rate_counts_two_operations_per_multiply_add(monkeypatch):
-    """The reference convolution of [2, 4, 4, 3], 3 -> 3 channels, 3 x 3: 2 * 2*4*4 outputs
-    * 3 channels * 27 multiply-adds = 5184 operations; at 1 microsecond that is 5.184
-    GFLOP/s, whatever the machine."""
-    from benchmarks import common
-    calls = []
-    monkeypatch.setattr(common, "seconds", lambda fn: calls.append(fn()) or 1e-6)
-    assert common.conv_gflop_per_s(2, 4, 3, repeats=3) == pytest.approx(5.184)
-    assert len(calls) == 3 and calls[0].shape == (2, 4, 4, 3)
-    np.testing.assert_allclose(calls[0][0, 1, 1], 27.0)  # an interior output: 3 x 3 x 3 ones
-
-
 def test_versus_official_ratios_are_taken_within_rounds():
     """Our step over theirs and QC over DSM are ratios per round (median and range), the
     rates are GFLOP over the median step time, and the table shows each side's rate as a
@@ -204,7 +192,8 @@ def test_versus_official_ratios_are_taken_within_rounds():
 
 def test_conv_kernels_time_the_three_convolutions_of_a_train_step(monkeypatch):
     """benchmarks.conv_kernels (XLA side): forward, input gradient and kernel gradient of
-    the same convolution, each rated at 2 operations per multiply-add."""
+    the same convolution, each rated at 2 operations per multiply-add (the reference
+    rate of benchmarks.versus_official too)."""
     from benchmarks import conv_kernels
     calls = conv_kernels.xla_calls(1, 4, 2)
     shapes = {kind: call().shape for kind, call in calls.items()}
@@ -215,8 +204,11 @@ def test_conv_kernels_time_the_three_convolutions_of_a_train_step(monkeypatch):
     # for a corner tap.
     np.testing.assert_allclose(calls["kernel_grad"]()[1, 1], 16.0)
     np.testing.assert_allclose(calls["kernel_grad"]()[0, 0], 9.0)
+    np.testing.assert_allclose(calls["forward"]()[0, 1, 1], 18.0)  # 3 x 3 x 2 ones
     monkeypatch.setattr(conv_kernels, "SHAPES", ((1, 4, 2),))
     monkeypatch.setattr(conv_kernels, "_fastest", lambda fn, repeats: 1e-6)
     (row,) = conv_kernels.measure("xla", repeats=1)
     assert row.pop("shape") == [1, 4, 4, 2]
     assert row == pytest.approx(dict(forward=1.152, input_grad=1.152, kernel_grad=1.152))
+    # [2, 4, 4, 3], 3 -> 3 channels: 2 * 2*4*4 outputs * 3 channels * 27 = 5184 operations.
+    assert conv_kernels.rate("xla", 2, 4, 3, "forward") == pytest.approx(5.184)
