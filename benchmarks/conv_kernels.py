@@ -25,6 +25,13 @@ SHAPES = ((4, 32, 128), (4, 16, 256), (4, 8, 256))
 KINDS = ("forward", "input_grad", "kernel_grad")
 
 
+def one_thread_xla_flags(environ) -> str:
+    """XLA_FLAGS of `environ` plus those that keep XLA on one thread (its matrix
+    products; its convolutions ignore them: pin the process too)."""
+    return (environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false "
+            "intra_op_parallelism_threads=1").strip()
+
+
 def _fastest(fn, repeats: int) -> float:
     fn()
     best = float("inf")
@@ -95,8 +102,7 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     if args.library == "xla":
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_"
-                                   "thread_eigen=false intra_op_parallelism_threads=1")
+        os.environ["XLA_FLAGS"] = one_thread_xla_flags(os.environ)
     rows = measure(args.library, args.repeats)
     print(f"| {args.library} GFLOP/s, one core | " + " | ".join(KINDS) + " |")
     print("|---|" + "---|" * len(KINDS))

@@ -127,8 +127,7 @@ class OurSide:
                    "--ours", ",".join(args.ours)]
         env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", JAX_PLATFORMS="cpu")
         if args.threads == 1:
-            env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false"
-                                " intra_op_parallelism_threads=1").strip()
+            env["XLA_FLAGS"] = conv_kernels.one_thread_xla_flags(env)
         self.process = subprocess.Popen(command, cwd=REPO, stdin=subprocess.PIPE,
                                         stdout=subprocess.PIPE, text=True, env=env)
         self.ready = self._read()
