@@ -36,6 +36,12 @@ def value_range(config) -> tuple[float, float]:
     return (-1.0, 1.0) if config.data.centered else (0.0, 1.0)
 
 
+def saved_pixels(samples, config) -> np.ndarray:
+    """uint8 pixels [N, H, W, C] that a saved image sample holds: model-space values
+    mapped from value_range(config), clipped (plotting.to_pixels); what FID scores."""
+    return plotting.to_pixels(samples, value_range(config))
+
+
 def write_json(path: str, values: dict) -> None:
     """Writes JSON through a temporary file, so a killed writer leaves no partial file."""
     temporary = epath.Path(path + ".tmp")
@@ -58,7 +64,7 @@ def write_samples(config, directory: str, name: str, samples: np.ndarray, step: 
         plotting.scatter_png(png, samples if reference is None
                              else {"data": reference, "samples": samples}, title=title)
     else:
-        extra["images"] = plotting.to_pixels(samples, value_range(config))
+        extra["images"] = saved_pixels(samples, config)
         plotting.image_grid_png(png, samples[:GRID_IMAGES], value_range=value_range(config))
     with epath.Path(directory, name + ".npz").open("wb") as f:
         np.savez(f, samples=samples, step=step, **extra)

@@ -6,7 +6,7 @@ statistics: eval.fid_stats when given (a stats file; pytorch-fid / TTUR files wo
 else the training split's statistics (its first eval.fid_reference_images images; 0 = all,
 the paper's protocol), computed once and cached in
 $QCSBM_CACHE_DIR/fid_stats/<data>_train_<count>_<weights hash>.npz.
-Samples are scored as the 8-bit pixels a saved sample holds (plotting.to_pixels: values
+Samples are scored as the 8-bit pixels a saved sample holds (outputs.saved_pixels: values
 outside the data range clipped, as score_sde does). Metrics per method m: fid_m, kid_m,
 precision_m, recall_m, density_m, coverage_m, inception_score_m (weights with logits only)
 and nfe_m; the protocol (sampler settings, sample count, EMA or raw parameters, reference,
@@ -21,9 +21,9 @@ import jax
 import numpy as np
 from absl import logging
 
-from qcsbm_jax import data, fid, plotting
+from qcsbm_jax import data, fid
 from qcsbm_jax.evaluation import programs
-from qcsbm_jax.evaluation.outputs import value_range
+from qcsbm_jax.evaluation.outputs import saved_pixels
 from qcsbm_jax.fid import weights as fid_weights
 from qcsbm_jax.sampling import registry
 
@@ -70,7 +70,7 @@ def make_sample_quality_fn(config, model, mesh) -> Callable[[Any], tuple[dict, d
             samples, nfe = sample_fn(params, programs.eval_key(ev.seed, programs.SAMPLES_STREAM),
                                      ev.fid_samples)
             values, method_protocol = fid.sample_metrics(
-                plotting.to_pixels(samples, value_range(config)), reference, network,
+                saved_pixels(samples, config), reference, network,
                 label=f"FID samples ({method})")
             results.update({f"{name}_{method}": values[name] for name in REPORTED
                             if name in values})

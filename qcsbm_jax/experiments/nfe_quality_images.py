@@ -35,8 +35,8 @@ import jax
 import numpy as np
 from absl import app, flags, logging
 
-from qcsbm_jax import api, fid, plotting, restore
-from qcsbm_jax.evaluation.outputs import value_range
+from qcsbm_jax import api, fid, restore
+from qcsbm_jax.evaluation import outputs
 from qcsbm_jax.experiments import nfe_quality, toy_sweep
 
 METRICS = ("nfe", "fid", "kid", "precision", "recall", "clipped", "failed")
@@ -61,7 +61,7 @@ def evaluate_runs(runs: dict[str, str], grid, num_samples: int, seeds, reference
     samplers (api.Run.with_params) and one FID network."""
     template = api.load(next(iter(runs.values())), params=params)
     network = fid.FeatureNetwork(template.mesh)
-    lo, hi = value_range(template.config)
+    lo, hi = outputs.value_range(template.config)
     mid, half = (lo + hi) / 2, (hi - lo) / 2
     results = {}
     for label, run_dir in runs.items():
@@ -74,7 +74,7 @@ def evaluate_runs(runs: dict[str, str], grid, num_samples: int, seeds, reference
             for method, overrides in grid:
                 samples, info = run.sample(num_samples, method=method, seed=seed, **overrides)
                 values, _ = fid.sample_metrics(
-                    plotting.to_pixels(samples, (lo, hi)), reference, network,
+                    outputs.saved_pixels(samples, template.config), reference, network,
                     feature_samples=num_samples, label=f"{label} {method} {overrides}")
                 rows.append(dict(method=method, **overrides, nfe=float(np.mean(info["nfe"])),
                                  **{m: values[m] for m in METRICS if m in values},
