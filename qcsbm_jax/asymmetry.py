@@ -143,10 +143,12 @@ def value_and_jacobian(f: Field, x: jax.Array):
     if dim > MAX_EXACT_DIM:
         raise ValueError(f"The exact Jacobian needs {dim} jvps per sample; use a Hutchinson "
                          f"estimator ('nonneg') for data of more than {MAX_EXACT_DIM} dims.")
-    columns = []
+    columns, basis = [], jnp.eye(dim, dtype=x.dtype)
     for j in range(dim):
-        e_j = jnp.zeros((dim,), x.dtype).at[j].set(1.0)
-        out, column = jax.jvp(f, (x,), (jnp.broadcast_to(e_j.reshape(x.shape[1:]), x.shape),))
+        # A row of eye, not zeros().at[j].set(1): libtpu's SPMD compile of that scatter on
+        # a constant fails ("Size of broadcast_dimensions has to match operand's rank").
+        e_j = basis[j].reshape(x.shape[1:])
+        out, column = jax.jvp(f, (x,), (jnp.broadcast_to(e_j, x.shape),))
         columns.append(column.reshape(batch, dim))
     return out, jnp.stack(columns, axis=-1)
 

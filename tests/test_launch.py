@@ -179,7 +179,7 @@ def test_tpu_setup_run_logs_stop(fakes):
     job.write_text(FAKE_JOB)
     job.chmod(0o755)
     run_env = dict(env, FAKE_RUN="ssh", TFDS_DATA_DIR="gs://data/tfds")
-    result = run_sh("tpu", "run", *tpu, "--workdir", "gs://bucket/run", "configs/x.py",
+    result = run_sh("tpu", "run", *tpu, "--no-check", "--workdir", "gs://bucket/run", "configs/x.py",
                     "--config.training.num_steps=5", env=run_env)
     assert result.returncode == 0, result.stderr
     command = _ssh_command(calls()[0])
@@ -187,7 +187,7 @@ def test_tpu_setup_run_logs_stop(fakes):
         "remote_run", "qcsbm_jax", "gs://data/tfds", "--config=configs/x.py", "--mode=all",
         "--workdir=gs://bucket/run", "--distributed=tpu", "--config.training.num_steps=5"]))
     pid = int((home / "qcsbm_jax" / "run.pid").read_text())
-    again = run_sh("tpu", "run", *tpu, "--workdir=gs://bucket/run", env=run_env)
+    again = run_sh("tpu", "run", *tpu, "--no-check", "--workdir=gs://bucket/run", env=run_env)
     assert again.returncode != 0 and "already running" in again.stderr
     calls()
 
@@ -230,7 +230,7 @@ def test_tpu_run_needs_a_gcs_workdir_and_a_tpu_name(fakes):
 @pytest.mark.parametrize("per, tasks, local_ids", [("gpu", 4, None), ("node", 1, "0,1,2,3")])
 def test_slurm_starts_one_process_per_gpu_or_per_node(fakes, per, tasks, local_ids):
     env, _, calls = fakes
-    result = run_sh("slurm", "--nodes", "2", "--gpus-per-node=4", f"--per={per}",
+    result = run_sh("slurm", "--no-check", "--nodes", "2", "--gpus-per-node=4", f"--per={per}",
                     "--srun-arg=--partition=gpu", CONFIG, "--mode=train",
                     env=dict(env, QCSBM_PIP_EXTRA="", JAX_LOCAL_DEVICE_IDS="7"))
     assert result.returncode == 0, result.stderr

@@ -56,6 +56,21 @@ def likelihood_inputs(key_data: jax.Array, data: jax.Array, *, divergence: str,
     return x, probes
 
 
+def nll_program(model, mesh, *, divergence: str, rtol: float, atol: float, eps: float,
+                dequantize: bool = False, centered: bool = False) -> Callable:
+    """The jitted program behind make_nll_fn: fn(params, data [B, *S], key_data [B, 2])
+    -> (nll [B], nfe [B]), the batch split over the mesh."""
+    def local(params, data, key_data):
+        x, probes = likelihood_inputs(key_data, data, divergence=divergence,
+                                      dequantize=dequantize, centered=centered)
+        nll, _, nfe = likelihood.ode_log_likelihood(
+            params, x, score_fn=model.score_fn, sde=model.sde, divergence=divergence,
+            probes=probes, rtol=rtol, atol=atol, eps=eps)
+        return nll, nfe
+
+    return jax.jit(parallel.per_shard(local, mesh, num_replicated=1, num_batched=2))
+
+
 def make_nll_fn(model, mesh, *, divergence: str, rtol: float, atol: float, eps: float,
                 batch_size: int, dequantize: bool = False, centered: bool = False
                 ) -> Callable[[Any, jax.Array, np.ndarray], tuple[np.ndarray, np.ndarray]]:
@@ -66,15 +81,8 @@ def make_nll_fn(model, mesh, *, divergence: str, rtol: float, atol: float, eps: 
     i). With dequantize, data are uint8 images and nll is the density of the dequantized
     model inputs (likelihood.bits_per_dim turns it into bits/dim).
     """
-    def local(params, data, key_data):
-        x, probes = likelihood_inputs(key_data, data, divergence=divergence,
-                                      dequantize=dequantize, centered=centered)
-        nll, _, nfe = likelihood.ode_log_likelihood(
-            params, x, score_fn=model.score_fn, sde=model.sde, divergence=divergence,
-            probes=probes, rtol=rtol, atol=atol, eps=eps)
-        return nll, nfe
-
-    fn = jax.jit(parallel.per_shard(local, mesh, num_replicated=1, num_batched=2))
+    fn = nll_program(model, mesh, divergence=divergence, rtol=rtol, atol=atol, eps=eps,
+                     dequantize=dequantize, centered=centered)
 
     def nll_fn(params, base_key, data):
         keys = streams.example_keys(base_key, len(data))
@@ -95,6 +103,20 @@ def make_hutchinson_asymmetry_fn(model, mesh, *, batch_size: int, perturb: bool 
     in the model's range, and example i is evaluated at x_t = alpha(t) x_i + std(t) z_i
     (z_i from the same key); otherwise at (x_i, t) as given. t: SDE times.
     """
+    fn = asymmetry_program(model, mesh, perturb=perturb)
+
+    def asymmetry_fn(params, base_key, x, t):
+        keys = streams.example_keys(base_key, len(x))
+        t = np.broadcast_to(np.asarray(t, np.float32), (len(x),))
+        return parallel.map_batches(lambda y, k, tt: fn(params, y, k, tt), (x, keys, t),
+                                    parallel.bucket_size(len(x), batch_size, mesh), mesh)
+
+    return asymmetry_fn
+
+
+def asymmetry_program(model, mesh, *, perturb: bool = True) -> Callable:
+    """The jitted program behind make_hutchinson_asymmetry_fn: fn(params, x [B, *S],
+    key_data [B, 2], t [B]) -> (asym [B], frob [B]), the batch split over the mesh."""
     sde = model.sde
 
     def local(params, x, key_data, t):
@@ -106,15 +128,7 @@ def make_hutchinson_asymmetry_fn(model, mesh, *, batch_size: int, perturb: bool 
         return asymmetry.hutchinson_metrics(lambda y: model.score_fn(params, y, t, None), x,
                                             _rademacher_per_example(probe_keys, x))
 
-    fn = jax.jit(parallel.per_shard(local, mesh, num_replicated=1, num_batched=3))
-
-    def asymmetry_fn(params, base_key, x, t):
-        keys = streams.example_keys(base_key, len(x))
-        t = np.broadcast_to(np.asarray(t, np.float32), (len(x),))
-        return parallel.map_batches(lambda y, k, tt: fn(params, y, k, tt), (x, keys, t),
-                                    parallel.bucket_size(len(x), batch_size, mesh), mesh)
-
-    return asymmetry_fn
+    return jax.jit(parallel.per_shard(local, mesh, num_replicated=1, num_batched=3))
 
 
 def make_exact_asymmetry_fn(model, mesh, *, batch_size: int

@@ -41,6 +41,17 @@ class Described(NamedTuple):
     logits: np.ndarray | None
 
 
+def inception_program(mesh, logits: bool):
+    """(abstract state, fn(state, pixels [B, H, W, C] uint8) -> {'pool_3', 'logits'}):
+    FeatureNetwork's jitted program, the batch split over the mesh."""
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: InceptionV3(logits=logits)))
+
+    def local(state, pixels):
+        return nnx.merge(graphdef, state)(preprocess.inception_input(pixels))
+
+    return state, jax.jit(parallel.per_shard(local, mesh, num_replicated=1, num_batched=1))
+
+
 class FeatureNetwork:
     """Inception on a mesh: uint8 pixels [B, H, W, C] -> {'pool_3' [B, 2048], 'logits'}.
 
@@ -54,15 +65,9 @@ class FeatureNetwork:
         self.weights = weights or weights_lib.load()
         self.batch_size = batch_size or PER_DEVICE_BATCH * mesh.size
         parallel.check_batch_size(self.batch_size, mesh, "Inception batch size")
-        graphdef, state = nnx.split(nnx.eval_shape(
-            lambda: InceptionV3(logits=self.weights.has_logits)))
+        state, self._apply = inception_program(mesh, self.weights.has_logits)
         nnx.replace_by_pure_dict(state, self.weights.params)
         self._state = jax.device_put(state, parallel.replicated(mesh))
-
-        def local(state, pixels):
-            return nnx.merge(graphdef, state)(preprocess.inception_input(pixels))
-
-        self._apply = jax.jit(parallel.per_shard(local, mesh, num_replicated=1, num_batched=1))
 
     @property
     def weights_hash(self) -> str:

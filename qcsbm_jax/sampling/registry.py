@@ -46,8 +46,9 @@ def _pc(params, keys, *, score_fn, sde, shape, num_steps, predictor, corrector, 
         params, keys, score_fn=score_fn, sde=sde, shape=shape, num_steps=num_steps,
         predictor=predictor, corrector=corrector, snr=snr, corrector_steps=corrector_steps,
         denoise=denoise, eps=eps, progress=_log_progress)
-    nfe = (num_steps * ((predictor != "none") + corrector_steps * (corrector != "none"))
-           + int(denoise))
+    nfe = nfe_per_sample("pc", dict(num_steps=num_steps, predictor=predictor,
+                                    corrector=corrector, corrector_steps=corrector_steps,
+                                    denoise=denoise))
     return x, jnp.full((keys.shape[0],), nfe, jnp.int32)
 
 
@@ -77,6 +78,23 @@ METHODS = {
                     _SOLVER_DESCRIPTIONS[name])
        for name, function in solvers.SOLVERS.items()},
 }
+
+
+# Score evaluations per sample of the fixed-step solvers: N or 2N (METHODS' descriptions).
+_EVALUATIONS_PER_STEP = {"euler": 1, "heun": 2, "edm_stochastic": 2, "dpm_solver_2m": 1,
+                         "euler_maruyama": 1}
+
+
+def nfe_per_sample(method: str, settings: dict[str, Any]) -> int | None:
+    """Score evaluations one sample of `method` takes; None for the adaptive ODE solver."""
+    if method == "ode":
+        return None
+    if method == "pc":
+        s = settings
+        return (s["num_steps"] * ((s["predictor"] != "none")
+                                  + s["corrector_steps"] * (s["corrector"] != "none"))
+                + int(s["denoise"]))
+    return _EVALUATIONS_PER_STEP[method] * settings["num_steps"]
 
 
 def check_method(method: str) -> Method:
@@ -116,6 +134,20 @@ def make_sampler(model, mesh, method: str, *, batch_size: int, **settings) -> Sa
     model: experiment.ScoreModel. Every settings key of the method must be given.
     batch_size: the largest batch one program runs (a multiple of the device count).
     """
+    fn = sampler_program(model, mesh, method, **settings)
+
+    def sample_fn(params, base_key, n):
+        keys = streams.example_keys(base_key, n)
+        return parallel.map_batches(lambda k: fn(params, k), (keys,),
+                                    parallel.bucket_size(n, batch_size, mesh), mesh,
+                                    label=f"{method} sampling")
+
+    return sample_fn
+
+
+def sampler_program(model, mesh, method: str, **settings) -> Callable:
+    """The jitted program behind make_sampler: fn(params, key_data [B, 2] uint32) ->
+    (x [B, *S], nfe [B]), the batch split over the mesh, parameters replicated."""
     entry = check_method(method)
     missing = sorted(set(entry.settings) - set(settings))
     if missing:
@@ -127,21 +159,13 @@ def make_sampler(model, mesh, method: str, *, batch_size: int, **settings) -> Sa
             f"The Langevin corrector's step-size rule needs high-dimensional data; in {dims} "
             "dimensions it throws samples far outside the data (sampling.pc._langevin). "
             "Use corrector='none' (the toy configs' default) or the ODE sampler.",
-            stacklevel=2)
+            stacklevel=3)
 
     def local(params, key_data):
         return entry.run(params, jax.random.wrap_key_data(key_data), score_fn=model.score_fn,
                          sde=model.sde, shape=model.data_shape, **settings)
 
-    fn = jax.jit(parallel.per_shard(local, mesh, num_replicated=1, num_batched=1))
-
-    def sample_fn(params, base_key, n):
-        keys = streams.example_keys(base_key, n)
-        return parallel.map_batches(lambda k: fn(params, k), (keys,),
-                                    parallel.bucket_size(n, batch_size, mesh), mesh,
-                                    label=f"{method} sampling")
-
-    return sample_fn
+    return jax.jit(parallel.per_shard(local, mesh, num_replicated=1, num_batched=1))
 
 
 def make_config_sampler(config: ml_collections.ConfigDict, model, mesh,
