@@ -87,7 +87,3 @@ def roofline_seconds(work: Work, chip: Chip, dtype: str) -> float:
     """The roofline time of `work`: bound by the chip's peak flops or its bandwidth."""
     return max(work.flops / chip.peak_flops[dtype], work.bytes_accessed / chip.bandwidth)
 
-
-def share_of_peak(work: Work, seconds: float, chip: Chip, dtype: str) -> float:
-    """The share of peak flops a call taking `seconds` would reach."""
-    return work.flops / seconds / chip.peak_flops[dtype] if seconds > 0 else 0.0

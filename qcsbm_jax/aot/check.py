@@ -73,10 +73,11 @@ def compile_program(program: programs_lib.Program, target: Target, mesh,
                     capacity: int) -> ProgramReport:
     """Lowers and compiles one program (and its cost program) for the target."""
     start = time.perf_counter()
-    compiled = program.fn.lower(*program.args).compile()
+    lowered = program.fn.lower(*program.args)
+    compiled = lowered.compile()
     memory = analysis.Memory.of(compiled)
     if program.cost_fn is None:
-        lowered_cost, compiled_cost = program.fn.lower(*program.args), compiled
+        lowered_cost, compiled_cost = lowered, compiled
     else:
         lowered_cost = program.cost_fn.lower(*program.cost_args)
         compiled_cost = lowered_cost.compile()
@@ -117,12 +118,10 @@ def check_job(config, target: Target, devices, *, config_name: str = "",
 
         def accumulated(steps: int) -> analysis.Memory:
             progress(f"checking the suggestion grad_accum_steps={steps}: compiling")
-            with config.unlocked():
-                config.training.grad_accum_steps = steps
-                try:
-                    program = programs_lib.train_programs(config, model, mesh)[0]
-                finally:
-                    config.training.grad_accum_steps = 1
+            changed = config.copy_and_resolve_references()
+            with changed.unlocked():
+                changed.training.grad_accum_steps = steps
+            program = programs_lib.train_programs(changed, model, mesh)[0]
             return analysis.Memory.of(program.fn.lower(*program.args).compile())
 
         found = fit.largest_batch(

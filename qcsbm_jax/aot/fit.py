@@ -25,9 +25,12 @@ class Fit:
     suggestions: tuple[str, ...]
 
 
+UNBOUNDED = 1 << 20  # _largest when memory does not grow with the batch.
+
+
 def _largest(fixed: float, per_example: float, capacity: int) -> int:
     if per_example <= 0:
-        return 0 if fixed > capacity else 1 << 20
+        return 0 if fixed > capacity else UNBOUNDED
     return max(0, math.floor((capacity - fixed) / per_example))
 
 
@@ -103,7 +106,7 @@ def largest_batch(config, num_devices: int, num_hosts: int, capacity: int,
     per_example = (second.total - first.total) / b0
     fixed = first.total - b0 * per_example
     largest, verified = _largest(fixed, per_example, capacity), False
-    if verify and 0 < largest < 1 << 20 and largest not in (b0, 2 * b0):
+    if verify and 0 < largest < UNBOUNDED and largest not in (b0, 2 * b0):
         progress(f"verifying: compiling the train step at {largest} per device")
         while largest > 0 and memory_at(largest * num_devices * accumulation).total > capacity:
             largest = math.floor(largest * 0.9)

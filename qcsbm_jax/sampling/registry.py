@@ -80,11 +80,6 @@ METHODS = {
 }
 
 
-# Score evaluations per sample of the fixed-step solvers: N or 2N (METHODS' descriptions).
-_EVALUATIONS_PER_STEP = {"euler": 1, "heun": 2, "edm_stochastic": 2, "dpm_solver_2m": 1,
-                         "euler_maruyama": 1}
-
-
 def nfe_per_sample(method: str, settings: dict[str, Any]) -> int | None:
     """Score evaluations one sample of `method` takes; None for the adaptive ODE solver."""
     if method == "ode":
@@ -94,7 +89,7 @@ def nfe_per_sample(method: str, settings: dict[str, Any]) -> int | None:
         return (s["num_steps"] * ((s["predictor"] != "none")
                                   + s["corrector_steps"] * (s["corrector"] != "none"))
                 + int(s["denoise"]))
-    return _EVALUATIONS_PER_STEP[method] * settings["num_steps"]
+    return solvers.nfe_per_sample(method, settings["num_steps"], settings["denoise"])
 
 
 def check_method(method: str) -> Method:

@@ -119,6 +119,16 @@ def _noise(chain_keys: jax.Array, step, shape) -> jax.Array:
         jax.random.fold_in(jax.random.fold_in(k, step), 0), shape))(chain_keys)
 
 
+# Score evaluations per step of each solver (the module doc's NFE table).
+EVALUATIONS_PER_STEP = {"euler": 1, "heun": 2, "edm_stochastic": 2, "dpm_solver_2m": 1,
+                        "euler_maruyama": 1}
+
+
+def nfe_per_sample(method: str, num_steps, denoise: bool):
+    """Score evaluations of one sample of solver `method` (num_steps may be traced)."""
+    return EVALUATIONS_PER_STEP[method] * num_steps + int(denoise)
+
+
 def _nfe(batch: int, evaluations) -> jax.Array:
     return jnp.full((batch,), evaluations, jnp.int32)
 
@@ -252,7 +262,7 @@ def dpm_solver_2m(params, keys, *, score_fn, sde, shape, num_steps, eps=1e-3, rh
     x = _prior(sde, prior_keys, shape) / sde.alpha(jnp.float32(sde.T))
     x, _, _ = lax.fori_loop(0, num_steps, step, (x, jnp.zeros_like(x), jnp.float32(1.0)))
     x = _finish(sde, slope, x, sigma_at(num_steps), eps, denoise)
-    return x, _nfe(batch, num_steps + int(denoise))
+    return x, _nfe(batch, nfe_per_sample("dpm_solver_2m", num_steps, denoise))
 
 
 def euler_maruyama(params, keys, *, score_fn, sde, shape, num_steps, eps=1e-3, denoise=True):
@@ -276,7 +286,7 @@ def euler_maruyama(params, keys, *, score_fn, sde, shape, num_steps, eps=1e-3, d
     if denoise:
         t = jnp.full((batch,), eps, jnp.float32)
         x = tweedie_denoise(sde, score_fn(params, x, t, None), x, t)
-    return x, _nfe(batch, num_steps + int(denoise))
+    return x, _nfe(batch, nfe_per_sample("euler_maruyama", num_steps, denoise))
 
 
 SOLVERS = {"euler": euler, "heun": heun, "edm_stochastic": edm_stochastic,
