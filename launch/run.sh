@@ -418,7 +418,9 @@ main() {
       exec "$VENV/bin/python" -m qcsbm_jax.aot --target="$1" --config="$2" "${@:3}" ;;
     test)
       setup_venv; setup_aot_plugins; setup_test_data; cd "$ROOT"
-      exec "$VENV/bin/python" -m pytest -q "$@" ;;
+      # One worker per core (QCSBM_TEST_WORKERS); a file's tests stay in one worker, so
+      # module fixtures are built once.
+      exec "$VENV/bin/python" -m pytest -q -n "${QCSBM_TEST_WORKERS:-auto}" --dist=loadfile "$@" ;;
     -h|--help|help) usage ;;
     "") usage; exit 2 ;;
     *) echo "launch/run.sh: unknown command '$command'" >&2; usage >&2; exit 2 ;;

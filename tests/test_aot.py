@@ -154,7 +154,9 @@ def test_the_command_line_writes_json_and_caches_the_report(tmp_path):
     ["slurm", "--gpus-per-node", "8"],
     ["tpu", "run", "--tpu", "t", "--type", "v5e-8", "--workdir", "gs://bucket/run"]])
 def test_the_launchers_refuse_a_job_that_does_not_fit(tmp_path, command):
-    env = {**os.environ, "QCSBM_CHECK_FLAGS": f"--hbm_fraction=1e-7 --cache_dir={tmp_path}",
+    # The train step alone, no batch search: the refusal, not the fit, is under test here.
+    flags = f"--hbm_fraction=1e-7 --cache_dir={tmp_path} --train_only --find_batch=none"
+    env = {**os.environ, "QCSBM_CHECK_FLAGS": flags,
            "QCSBM_PIP_EXTRA": "", "PATH": f"{tmp_path}:{os.environ['PATH']}"}
     for tool in ("srun", "gcloud"):  # Would show that the job started.
         (tmp_path / tool).write_text("#!/bin/sh\necho STARTED; exit 99\n")

@@ -212,3 +212,30 @@ def test_conv_kernels_time_the_three_convolutions_of_a_train_step(monkeypatch):
     assert row == pytest.approx(dict(forward=1.152, input_grad=1.152, kernel_grad=1.152))
     # [2, 4, 4, 3], 3 -> 3 channels: 2 * 2*4*4 outputs * 3 channels * 27 = 5184 operations.
     assert conv_kernels.rate("xla", 2, 4, 3, "forward") == pytest.approx(5.184)
+
+
+def _aot_report(target: str, seconds: float, flops: float, xla: bool) -> dict:
+    step = dict(estimated_seconds=seconds, xla_seconds=seconds if xla else None,
+                memory_total=3 * 2**30, fits=True, flops=flops)
+    return dict(target=target, num_chips=4, programs=[step], fit={"per_device_batch": 96})
+
+
+def test_aot_targets_prices_the_paper_schedule_from_each_cell(tmp_path, monkeypatch):
+    from benchmarks import aot_targets
+    usbm = _aot_report("tpu:v5e-4", 0.05, 197e12 * 0.05 * 0.4, xla=True)
+    qc = _aot_report("tpu:v5e-4", 0.08, 1e12, xla=False)
+    row = aot_targets.summary("qc_jvp", "float32", qc, usbm)
+    assert row["estimate"] == "roofline" and row["gib_per_chip"] == 3
+    assert row["vs_usbm"] == pytest.approx(1.6)
+    hours = (1_300_000 * 0.05 + 100_000 * 0.08) / 3600
+    assert row["paper_schedule_h"] == pytest.approx(hours)
+    assert row["paper_chip_hours"] == pytest.approx(4 * hours)
+    base = aot_targets.summary("usbm", "float32", usbm, usbm)
+    assert base["share_of_peak"] == pytest.approx(0.4) and "vs_usbm" not in base
+    assert base["largest_batch_per_chip"] == 96
+    # A cell whose JSON is there is read, not compiled (an interrupted sweep resumes).
+    path = aot_targets.cell_path(str(tmp_path), "usbm", "float32", "tpu:v5e-4")
+    pathlib.Path(path).write_text(json.dumps(usbm))
+    monkeypatch.setattr(aot_targets.subprocess, "run", lambda *a, **k: pytest.fail("compiled"))
+    assert aot_targets.compile_cell(str(tmp_path), "usbm", "float32", "tpu:v5e-4",
+                                    "none", 10) == usbm

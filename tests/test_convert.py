@@ -19,7 +19,7 @@ from flax import nnx
 
 from qcsbm_jax import (checkpoint, data, experiment, models, parallel, restore, score,
                        sde as sde_lib, torch_io, train)
-from qcsbm_jax.convert import ConvertError, import_checkpoint
+from qcsbm_jax.convert import ConvertError, import_checkpoint, layout
 from qcsbm_jax.models import layers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -132,7 +132,12 @@ def test_cli_import_export_round_trip_is_exact(tmp_path):
     assert back["step"] == 3 and back["ema"]["num_updates"] == 3
     assert list(back["model"]) == list(original["model"])
     for name, value in original["model"].items():
-        np.testing.assert_array_equal(back["model"][name], value, err_msg=name)
+        if name.endswith(layout.SIGMAS):
+            # A buffer the export computes again with NumPy's exp, not a parameter: its
+            # last bit depends on the machine's exp (SIMD or not), as in the authors' code.
+            np.testing.assert_allclose(back["model"][name], value, rtol=1e-15, err_msg=name)
+        else:
+            np.testing.assert_array_equal(back["model"][name], value, err_msg=name)
     for a, b in zip(back["ema"]["shadow_params"], original["ema"]["shadow_params"], strict=True):
         np.testing.assert_array_equal(a, b)
     # And the import of the export has the same parameters as the first import.
