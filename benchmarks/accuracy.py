@@ -43,7 +43,7 @@ def bench_accuracy(bench: common.Bench, batch: int, dtype=jnp.bfloat16) -> list[
     """
     cfg = bench.config
     apply_fn, params = models.functional(
-        models.build_model(cfg, bench.model.data_shape, jax.random.key(cfg.seed)))
+        models.build_model(cfg.model, bench.model.data_shape, jax.random.key(cfg.seed)))
     conservative = score.make_score_fn(apply_fn, bench.model.sde, "constrained",
                                        cfg.model.output)
     shape = (batch, *bench.model.data_shape)

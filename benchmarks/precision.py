@@ -90,8 +90,8 @@ def precision_rows(name: str, num_draws: int, dtype: str = "bfloat16") -> list[d
     if "init_scale" in cfg.model:
         cfg.model.init_scale = 1.0
     shape = (2,) if cfg.model.name == "toy_mlp" else (32, 32, 3)
-    network = models.build_model(cfg, shape, jax.random.key(cfg.seed))
-    sde = sde_lib.get_sde(cfg.sde)
+    network = models.build_model(cfg.model, shape, jax.random.key(cfg.seed))
+    sde = sde_lib.get_sde(**cfg.sde)
     x0 = _data(cfg, shape, batch)
 
     def programs(compute_dtype):

@@ -253,7 +253,8 @@ def main(args: argparse.Namespace) -> dict:
         raise SystemExit(f"Not the same network: {ours.ready['num_params']} parameters "
                          f"against the official {theirs.num_params}.")
     steps = NETWORKS[args.network]["steps_per_round"]
-    times = {f"theirs/{k}": [] for k in official_steps.THEIRS} | {f"ours/{k}": [] for k in args.ours}
+    times = ({f"theirs/{k}": [] for k in official_steps.THEIRS}
+             | {f"ours/{k}": [] for k in args.ours})
     loads = []
     for round_index in range(args.rounds):
         for key in times:

@@ -1,4 +1,5 @@
-"""imagenet32, C-NCSN++ (constrained: score = -grad of 1/2 ||F / sigma||^2) (docs/method.md, experiment 3).
+"""imagenet32, C-NCSN++ (constrained: score = -grad of 1/2 ||F / sigma||^2) (docs/method.md,
+experiment 3).
 
 Append ':small' to the path for a small network (about 40 minutes on a 2-core CPU),
 ':smoke' for a seconds-long test run.

@@ -48,7 +48,8 @@ Commands:
       --gpu h100|h200, default h100) run this check first and refuse a job that does not
       fit; --no-check skips it.
   test [PYTEST ARGS...]
-      Run the test suite (CPU only).
+      Lint (ruff, settings in pyproject.toml), then run the test suite (CPU only), one
+      worker per core (QCSBM_TEST_WORKERS=N for N; 0 for none).
   -h, --help  Show this help.
 
 Set-up is automatic: the first run creates $VENV and installs the package with its
@@ -418,6 +419,7 @@ main() {
       exec "$VENV/bin/python" -m qcsbm_jax.aot --target="$1" --config="$2" "${@:3}" ;;
     test)
       setup_venv; setup_aot_plugins; setup_test_data; cd "$ROOT"
+      "$VENV/bin/ruff" check . || die "ruff found the problems above (settings: pyproject.toml)"
       # One worker per core (QCSBM_TEST_WORKERS); a file's tests stay in one worker, so
       # module fixtures are built once.
       exec "$VENV/bin/python" -m pytest -q -n "${QCSBM_TEST_WORKERS:-auto}" --dist=loadfile "$@" ;;

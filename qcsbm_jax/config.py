@@ -236,7 +236,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
             raise ValueError(f"--config.{key}={value!r} is not valid; choose one of {valid}.")
     methods = {config.sampling.method, *config.eval.get("fid_methods", ())}
     for method in sorted(methods):
-        registry.check_settings(method, sde_lib.get_sde(config.sde),
+        registry.check_settings(method, sde_lib.get_sde(**config.sde),
                                 registry.settings_from_config(config.sampling, method))
     if config.loss.qc_weight < 0:
         raise ValueError("--config.loss.qc_weight must be >= 0.")

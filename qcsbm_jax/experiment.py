@@ -30,8 +30,8 @@ def build_score_model(config: ml_collections.ConfigDict,
     compute_dtype: the network's (models.functional); training passes
     config.training.compute_dtype, evaluation and sampling run in float32."""
     shape = data.of(config).shape
-    sde = sde_lib.get_sde(config.sde)
-    network = models.build_model(config, shape, streams.stream_key(config.seed, "init"))
+    sde = sde_lib.get_sde(**config.sde)
+    network = models.build_model(config.model, shape, streams.stream_key(config.seed, "init"))
     apply_fn, params = models.functional(network, compute_dtype)
     score_fn = score.make_score_fn(apply_fn, sde, config.model.family, config.model.output)
     return ScoreModel(sde, score_fn, jax.tree.map(np.asarray, params), shape)

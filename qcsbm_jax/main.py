@@ -73,10 +73,10 @@ def main(argv):
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     logging.get_absl_handler().addFilter(_QuietCheckpointing())
     # Imported here so that `--help` and flag errors are instant.
-    from qcsbm_jax import parallel
+    from qcsbm_jax import distributed
 
     try:  # Before anything touches a JAX backend.
-        parallel.initialize_distributed(
+        distributed.initialize_distributed(
             _DISTRIBUTED.value, coordinator_address=_COORDINATOR.value,
             num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value,
             heartbeat_timeout_s=_HEARTBEAT.value)

@@ -17,7 +17,6 @@ from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 
 
 def bcast(a: jax.Array, x: jax.Array) -> jax.Array:
@@ -202,10 +201,13 @@ class SubVPSDE(VPSDE):
 SDES = {"ve": VESDE, "vp": VPSDE, "subvp": SubVPSDE}
 
 
-def get_sde(config: ml_collections.ConfigDict) -> SDE:
-    """The SDE named by config.name ('ve' | 'vp' | 'subvp') with its config parameters."""
-    if config.name not in SDES:
-        raise ValueError(f"Unknown SDE {config.name!r}; valid names: {sorted(SDES)}.")
-    if config.name == "ve":
-        return VESDE(sigma_min=float(config.sigma_min), sigma_max=float(config.sigma_max))
-    return SDES[config.name](beta_min=float(config.beta_min), beta_max=float(config.beta_max))
+def get_sde(name: str, *, sigma_min: float, sigma_max: float, beta_min: float,
+            beta_max: float) -> SDE:
+    """The SDE `name` ('ve' | 'vp' | 'subvp'): VE with noise scales sigma_min..sigma_max,
+    VP / sub-VP with noise rates beta_min..beta_max (the others are ignored). A config's
+    `sde` section holds exactly these keys: get_sde(**config.sde)."""
+    if name not in SDES:
+        raise ValueError(f"Unknown SDE {name!r}; valid names: {sorted(SDES)}.")
+    if name == "ve":
+        return VESDE(sigma_min=float(sigma_min), sigma_max=float(sigma_max))
+    return SDES[name](beta_min=float(beta_min), beta_max=float(beta_max))

@@ -15,7 +15,8 @@ import optax
 from absl import logging
 from clu import metric_writers, periodic_actions
 
-from qcsbm_jax import checkpoint, data, experiment, losses, parallel, streams, workdir_lock
+from qcsbm_jax import (checkpoint, data, distributed, experiment, losses, parallel, streams,
+                       workdir_lock)
 
 
 @flax.struct.dataclass
@@ -262,7 +263,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
         workdir, just_logging=jax.process_index() > 0)
     num_steps = config.training.num_steps
     with checkpoint.Checkpointer(workdir, max_to_keep=config.training.keep_checkpoints) as ckpt, \
-            parallel.PreemptionWatch() as preemption:
+            distributed.PreemptionWatch() as preemption:
         resumed_from = None
         if ckpt.latest_step() is not None:
             state, saved = ckpt.restore_latest_valid(state)

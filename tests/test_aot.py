@@ -102,7 +102,6 @@ def test_a_job_too_large_is_refused_with_settings_that_fit():
     large = {"model.widths": (512, 512, 512), "training.batch_size": 16384}
     config = load(TOY, **large)
     needs = job("gpu:h100x8", config, evaluation=False, find_batch="estimate")
-    fit = needs.fit
     capacity = 0.9 * needs.programs[0].memory.total
     fraction = capacity / targets.parse("gpu:h100x8").chip.hbm_bytes
     refused = job("gpu:h100x8", config, evaluation=False, find_batch="estimate",

@@ -48,7 +48,9 @@ def _all_sign_probes(batch, dim):
 def test_full_jacobian_matches_jacfwd():
     score_fn, params = _toy_field("unconstrained")
     x, t = _points()
-    out, jac = jax.jit(lambda y: asymmetry.value_and_jacobian(lambda z: score_fn(params, z, t), y))(x)
+    value_and_jacobian = jax.jit(
+        lambda y: asymmetry.value_and_jacobian(lambda z: score_fn(params, z, t), y))
+    out, jac = value_and_jacobian(x)
     np.testing.assert_allclose(jac, _jacfwd_jacobian(score_fn, params, x, t), rtol=1e-5,
                                atol=1e-5)
     np.testing.assert_allclose(out, score_fn(params, x, t), rtol=1e-6)

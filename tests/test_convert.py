@@ -52,9 +52,9 @@ def score_model(variant: str) -> experiment.ScoreModel:
     init_params (restores overwrite them all): initialising it costs more than the test."""
     config = config_for(variant)
     shape = data.of(config).shape
-    network = nnx.eval_shape(lambda: models.build_model(config, shape, jax.random.key(0)))
+    network = nnx.eval_shape(lambda: models.build_model(config.model, shape, jax.random.key(0)))
     apply_fn, params = models.functional(network)
-    sde = sde_lib.get_sde(config.sde)
+    sde = sde_lib.get_sde(**config.sde)
     score_fn = score.make_score_fn(apply_fn, sde, config.model.family, config.model.output)
     zeros = jax.tree.map(lambda p: np.zeros(p.shape, p.dtype), params)
     return experiment.ScoreModel(sde, jax.jit(score_fn), zeros, shape)

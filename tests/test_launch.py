@@ -179,8 +179,8 @@ def test_tpu_setup_run_logs_stop(fakes):
     job.write_text(FAKE_JOB)
     job.chmod(0o755)
     run_env = dict(env, FAKE_RUN="ssh", TFDS_DATA_DIR="gs://data/tfds")
-    result = run_sh("tpu", "run", *tpu, "--no-check", "--workdir", "gs://bucket/run", "configs/x.py",
-                    "--config.training.num_steps=5", env=run_env)
+    result = run_sh("tpu", "run", *tpu, "--no-check", "--workdir", "gs://bucket/run",
+                    "configs/x.py", "--config.training.num_steps=5", env=run_env)
     assert result.returncode == 0, result.stderr
     command = _ssh_command(calls()[0])
     assert command.rstrip().endswith(shlex.join([

@@ -101,7 +101,7 @@ def test_toy_network_in_bfloat16(init, head):
     Swish slopes and the output float32, close to float32."""
     c = config_lib.toy_config("gaussians8", "usbm", "smoke")
     c.model.update(init=init, head_activation=head)
-    network = models.build_model(c, (2,), jax.random.key(0))
+    network = models.build_model(c.model, (2,), jax.random.key(0))
     (high, params), (low, _) = (models.functional(network, d) for d in ("float32", "bfloat16"))
     x = jax.random.normal(jax.random.key(1), (64, 2))
     sigma = jnp.linspace(0.1, 3.0, 64)
@@ -194,7 +194,7 @@ def test_bad_compute_dtype_is_one_clear_error():
     c.training.compute_dtype = "float16"
     with pytest.raises(ValueError, match=r"training.compute_dtype='float16'.*'bfloat16'"):
         config_lib.validate(c)
-    network = models.build_model(c, (2,), jax.random.key(0))
+    network = models.build_model(c.model, (2,), jax.random.key(0))
     with pytest.raises(ValueError, match=r"training.compute_dtype\) must be one of"):
         models.functional(network, "float16")
 

@@ -6,7 +6,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 import pytest
@@ -229,9 +228,8 @@ def test_deep_preset_parameter_counts():
 
 
 def _config(name, **model):
-    c = ml_collections.ConfigDict()
-    c.model = dict(name=name, family="unconstrained", output="scaled", **model)
-    return c
+    """A config's model section, as a plain dict."""
+    return dict(name=name, family="unconstrained", output="scaled", **model)
 
 
 @pytest.mark.parametrize("name,preset", [("ncsnpp", models.NCSNPP_DEEP),

@@ -1,8 +1,5 @@
-"""Distributed set-up, FSDP shardings, pre-emption flag, and device-count independence of the
-train step, the samplers, the likelihood and the asymmetry evaluation (1 vs 8 devices)."""
-
-import os
-import signal
+"""FSDP shardings and device-count independence of the train step, the samplers, the
+likelihood and the asymmetry evaluation (1 vs 8 devices)."""
 
 import jax
 import numpy as np
@@ -12,54 +9,12 @@ from jax.sharding import PartitionSpec as P
 from qcsbm_jax import asymmetry, experiment, likelihood, parallel, sampling, train
 from test_train import _batch, _smoke, _step_fn
 
-SLURM = {"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "gpu[01-02]", "SLURM_NTASKS": "8",
-         "SLURM_PROCID": "3", "SLURM_LOCALID": "3"}
-EXPLICIT = dict(coordinator_address="10.0.0.1:1234", num_processes=4, process_id=2)
-
-
 def _meshes():
     """One device, and eight: four on the data axis x two on the model axis, so the batch
     is split eight ways and parameters and optimizer state two ways (FSDP)."""
     devices = jax.devices()[:8]
     return {"1": parallel.make_mesh(devices=devices[:1]),
             "4x2": parallel.make_mesh(4, 2, devices=devices)}
-
-
-@pytest.mark.parametrize("mode, kwargs, environ, expected", [
-    ("auto", {}, {}, None),
-    ("auto", EXPLICIT, {}, dict(EXPLICIT, cluster_detection_method="deactivate")),
-    ("auto", EXPLICIT, SLURM, dict(EXPLICIT, cluster_detection_method="deactivate")),
-    ("auto", dict(EXPLICIT, num_processes=1, process_id=0), {}, None),
-    ("auto", {}, SLURM, {"cluster_detection_method": "slurm"}),
-    ("slurm", {}, SLURM, {"cluster_detection_method": "slurm"}),
-    ("auto", {}, dict(SLURM, SLURM_NTASKS="1", SLURM_PROCID="0"), None),
-    ("auto", {}, {"SLURM_JOB_ID": "7", "SLURM_NTASKS": "8"}, None),  # sbatch script, no srun
-    ("auto", {}, {"TPU_WORKER_HOSTNAMES": "w-0,w-1,w-2,w-3"}, {}),
-    ("auto", {}, {"TPU_WORKER_HOSTNAMES": "w-0"}, None),
-    ("tpu", {}, {}, {}),
-    ("off", {}, SLURM, None),
-])
-def test_distributed_setup(mode, kwargs, environ, expected):
-    assert parallel.distributed_setup(mode, environ=environ, **kwargs) == expected
-
-
-@pytest.mark.parametrize("mode, kwargs, environ, match", [
-    ("auto", {"coordinator_address": "h:1"}, {}, "give all of"),
-    ("off", EXPLICIT, {}, "give all of"),
-    ("auto", dict(EXPLICIT, process_id=4), {}, r"process_id=4 must be in \[0"),
-    ("slurm", {}, {}, "srun"),
-    ("mpi", {}, {}, "Unknown distributed mode"),
-])
-def test_distributed_setup_errors(mode, kwargs, environ, match):
-    with pytest.raises(ValueError, match=match):
-        parallel.distributed_setup(mode, environ=environ, **kwargs)
-
-
-def test_one_process_does_not_start_the_distributed_runtime(monkeypatch):
-    for name in ("SLURM_JOB_ID", "TPU_WORKER_HOSTNAMES"):
-        monkeypatch.delenv(name, raising=False)
-    assert not parallel.initialize_distributed()
-    assert not jax.distributed.is_initialized()
 
 
 @pytest.mark.parametrize("shape, model_size, spec", [
@@ -173,15 +128,6 @@ def test_exact_asymmetry_same_on_1_and_8_devices(toy_model):
 
     asym, nasym = _same_on_1_and_8_devices(metrics, toy_model.init_params, (x, t))
     assert np.all(asym > 0) and np.all((nasym >= 0) & (nasym <= 1))
-
-
-def test_preemption_watch_turns_sigterm_into_a_flag():
-    before = signal.getsignal(signal.SIGTERM)
-    with parallel.PreemptionWatch() as watch:
-        assert not watch.reached(1)
-        os.kill(os.getpid(), signal.SIGTERM)
-        assert watch.reached(2)
-    assert signal.getsignal(signal.SIGTERM) is before
 
 
 def test_batch_size_must_split_over_every_device():

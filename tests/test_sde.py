@@ -153,13 +153,13 @@ def test_subvp_discretize_is_euler_maruyama():
 def test_get_sde_and_static_jit():
     config = ml_collections.ConfigDict(dict(name="ve", sigma_min=0.1, sigma_max=3.0,
                                             beta_min=0.1, beta_max=20.0))
-    assert get_sde(config) == VESDE(sigma_min=0.1, sigma_max=3.0)
+    assert get_sde(**config) == VESDE(sigma_min=0.1, sigma_max=3.0)
     config.name = "subvp"
-    assert get_sde(config) == SubVPSDE(beta_min=0.1, beta_max=20.0)
-    assert get_sde(config) != VPSDE(beta_min=0.1, beta_max=20.0)
+    assert get_sde(**config) == SubVPSDE(beta_min=0.1, beta_max=20.0)
+    assert get_sde(**config) != VPSDE(beta_min=0.1, beta_max=20.0)
     config.name = "vesde"
     with pytest.raises(ValueError, match="'subvp', 've', 'vp'"):
-        get_sde(config)
+        get_sde(**config)
 
     std_at = jax.jit(lambda sde, t: sde.marginal_mean_std(jnp.zeros((1, 1)), t)[1],
                      static_argnums=0)

@@ -42,7 +42,8 @@ def test_torchscript_archive_gives_its_state_dict(expected):
     module = torch_io.load(fixture("scripted.pt"))
     assert isinstance(module, torch_io.ScriptObject)
     flat = torch_io.flatten_arrays(module)
-    want = {k.removeprefix("scripted."): v for k, v in expected.items() if k.startswith("scripted.")}
+    want = {k.removeprefix("scripted."): v for k, v in expected.items()
+            if k.startswith("scripted.")}
     assert set(flat) == set(want)
     for key in want:
         np.testing.assert_array_equal(flat[key], want[key])

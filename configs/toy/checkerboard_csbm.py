@@ -1,4 +1,5 @@
-"""checkerboard, CSBM (docs/method.md, experiment 2). Append ':smoke' to the path for a short CPU run."""
+"""checkerboard, CSBM (docs/method.md, experiment 2). Append ':smoke' to the path for a short
+CPU run."""
 
 from qcsbm_jax.config import toy_config
 

@@ -1,4 +1,5 @@
-"""gaussians8, QCSBM (docs/method.md, experiment 2). Append ':smoke' to the path for a short CPU run."""
+"""gaussians8, QCSBM (docs/method.md, experiment 2). Append ':smoke' to the path for a short
+CPU run."""
 
 from qcsbm_jax.config import toy_config
 

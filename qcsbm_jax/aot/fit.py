@@ -80,7 +80,8 @@ def suggestions(config, num_devices: int, num_hosts: int, memory: analysis.Memor
     sharded = memory.arguments + memory.outputs - memory.aliased
     model_axis = config.parallel.model_axis
     for m in (2, 4, 8):
-        if m > model_axis and num_devices % m == 0 and (batch // accumulation) % (num_devices // m) == 0:
+        splits = num_devices % m == 0 and (batch // accumulation) % (num_devices // m) == 0
+        if m > model_axis and splits:
             estimate = memory.total - sharded * (1 - model_axis / m)
             if estimate <= capacity:
                 out.append(f"--config.parallel.model_axis={m} (parameters and optimizer "

@@ -71,7 +71,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
 def abstract_params(config: ml_collections.ConfigDict) -> dict:
     """Shapes and dtypes (ShapeDtypeStruct) of the parameters of config's network."""
     shape = data.of(config).shape
-    network = nnx.eval_shape(lambda: models.build_model(config, shape, jax.random.key(0)))
+    network = nnx.eval_shape(lambda: models.build_model(config.model, shape, jax.random.key(0)))
     return nnx.to_pure_dict(nnx.state(network, nnx.Param))
 
 

@@ -58,7 +58,7 @@ def make_image_evaluator(config, model, mesh, test_uint8: np.ndarray | None = No
                                   atol=ev.atol, eps=ev.eps, batch_size=ev.batch_size,
                                   dequantize=True, centered=centered)
     asymmetry_fn = programs.make_hutchinson_asymmetry_fn(model, mesh, batch_size=ev.batch_size)
-    sample_fn = registry.make_config_sampler(config, model, mesh)
+    sample_fn = registry.make_config_sampler(config.sampling, model, mesh)
     quality_fn = (sample_quality.make_sample_quality_fn(config, model, mesh)
                   if ev.fid_samples else None)
 

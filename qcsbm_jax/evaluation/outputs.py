@@ -1,10 +1,10 @@
 """What evaluation and sampling write, on process 0.
 
-DIR/<eval.output_dir> (default DIR/eval) for an evaluated step S: asymmetry_S.png (per-level curves against t / T, log
-scale), samples_S.png (toy: scatter beside test points; images: a grid of the first
-GRID_IMAGES), samples_S.npz, each also copied to its name without _S (the latest); then
-metrics_S.json, which marks S as done, and metrics.json (with a 'protocol' entry when
-sample metrics were computed).
+DIR/<eval.output_dir> (default DIR/eval) for an evaluated step S: asymmetry_S.png
+(per-level curves against t / T, log scale), samples_S.png (toy: scatter beside test
+points; images: a grid of the first GRID_IMAGES), samples_S.npz, each also copied to its
+name without _S (the latest); then metrics_S.json, which marks S as done, and
+metrics.json (with a 'protocol' entry when sample metrics were computed).
 DIR/samples: <method>.npz and <method>.png per sampler (write_samples).
 """
 

@@ -61,7 +61,7 @@ def make_sample_quality_fn(config, model, mesh) -> Callable[[Any], tuple[dict, d
     ev = config.eval
     network = fid.FeatureNetwork(mesh)
     reference = reference_statistics(config, network)
-    samplers = {method: registry.make_config_sampler(config, model, mesh, method)
+    samplers = {method: registry.make_config_sampler(config.sampling, model, mesh, method)
                 for method in ev.fid_methods}
 
     def quality_fn(params) -> tuple[dict, dict]:

@@ -42,7 +42,7 @@ def make_toy_evaluator(config, model, mesh) -> Callable[[Any], Evaluation]:
     nll_fn = programs.make_nll_fn(model, mesh, divergence=ev.divergence, rtol=ev.rtol,
                                   atol=ev.atol, eps=ev.eps, batch_size=ev.batch_size)
     asymmetry_fn = programs.make_exact_asymmetry_fn(model, mesh, batch_size=ev.batch_size)
-    sample_fn = registry.make_config_sampler(config, model, mesh, "ode")
+    sample_fn = registry.make_config_sampler(config.sampling, model, mesh, "ode")
 
     @jax.jit
     def score_error(params, x, t, std):

@@ -309,7 +309,8 @@ def table_markdown(results: dict, config) -> str:
 
 
 def plot_trajectories(path: str, config, results: dict, arrays: dict, seed_index: int = 0) -> str:
-    """Unit arrows of s and one seed's particle paths; rows: config.plot.epsilons, columns: fields."""
+    """Unit arrows of s and one seed's particle paths; rows: config.plot.epsilons, columns:
+    fields."""
     w, eps_list = config.plot.half_width, list(config.plot.epsilons)
     axis = np.linspace(-w, w, config.plot.grid)
     fig = Figure(figsize=(4.5 * len(FIELDS), 4.5 * len(eps_list) + 0.4), dpi=100)

@@ -1,11 +1,10 @@
 """Score networks and their functional form `apply_fn(params, x, noise_condition, key)`."""
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 from flax import nnx
 
 from qcsbm_jax.models.ncsnpp import DDPMPP_DEEP, NCSNPP_DEEP, NCSNpp
@@ -23,33 +22,33 @@ _SCORE_KEYS = ("name", "family", "output")
 COMPUTE_DTYPES = ("float32", "bfloat16")
 
 
-def build_model(config: ml_collections.ConfigDict, data_shape: tuple[int, ...],
+def build_model(model: Mapping[str, Any], data_shape: tuple[int, ...],
                 key: jax.Array) -> nnx.Module:
-    """Instantiates the network named by `config.model.name` for inputs [B, *data_shape].
+    """Instantiates the network model["name"] for inputs [B, *data_shape].
 
-    Image networks take data_shape = (H, W, C) with H == W and every key of NCSNPP_DEEP
-    from config.model.
+    model: a config's `model` section (name, family, output and the network's keys).
+    Image networks take data_shape = (H, W, C) with H == W and every key of NCSNPP_DEEP.
     """
-    name = config.model.name
+    name = model["name"]
     if name == "toy_mlp":
-        return ToyScoreNet(data_shape[-1], tuple(config.model.widths),
-                           tuple(config.model.noise_widths), init=config.model.init,
-                           head_activation=config.model.head_activation, rngs=nnx.Rngs(key))
+        return ToyScoreNet(data_shape[-1], tuple(model["widths"]), tuple(model["noise_widths"]),
+                           init=model["init"], head_activation=model["head_activation"],
+                           rngs=nnx.Rngs(key))
     if name in ("ncsnpp", "ddpmpp"):
-        return _build_image_model(config.model, data_shape, key)
+        return _build_image_model(model, data_shape, key)
     raise ValueError(f"Unknown model.name {name!r}; valid names: {sorted(MODELS)}.")
 
 
-def _build_image_model(model_config: ml_collections.ConfigDict,
-                       data_shape: tuple[int, ...], key: jax.Array) -> NCSNpp:
+def _build_image_model(model: Mapping[str, Any], data_shape: tuple[int, ...],
+                       key: jax.Array) -> NCSNpp:
     if len(data_shape) != 3 or data_shape[0] != data_shape[1]:
-        raise ValueError(f"model.name={model_config.name!r} needs square images of shape "
+        raise ValueError(f"model.name={model['name']!r} needs square images of shape "
                          f"(H, W, C) with H == W, got data shape {tuple(data_shape)}.")
-    given = {k: v for k, v in model_config.items() if k not in _SCORE_KEYS}
+    given = {k: v for k, v in model.items() if k not in _SCORE_KEYS}
     missing = sorted(set(NCSNPP_DEEP) - set(given))
     unknown = sorted(set(given) - set(NCSNPP_DEEP))
     if missing or unknown:
-        raise ValueError(f"config.model for {model_config.name!r}: missing keys {missing}, "
+        raise ValueError(f"config.model for {model['name']!r}: missing keys {missing}, "
                          f"unknown keys {unknown}; start from models.NCSNPP_DEEP or "
                          "models.DDPMPP_DEEP, e.g. dict(name=..., family=..., output=..., "
                          "**NCSNPP_DEEP).")

@@ -14,12 +14,11 @@ batch it shares or on the number of devices. Batches are padded to power-of-two 
 import dataclasses
 import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from absl import logging
 
@@ -107,9 +106,10 @@ def check_settings(method: str, sde, settings: dict[str, Any]) -> None:
                                **{k: v for k, v in settings.items() if k != "num_steps"})
 
 
-def settings_from_config(sampling: ml_collections.ConfigDict, method: str,
+def settings_from_config(sampling: Mapping[str, Any], method: str,
                          **overrides) -> dict[str, Any]:
-    """The settings of `method` from config.sampling, with overrides applied; an override
+    """The settings of `method` from `sampling` (a config's sampling section: every key of
+    every method), with overrides applied; an override
     the method does not take is an error that lists the ones it does."""
     keys = check_method(method).settings
     unknown = sorted(set(overrides) - set(keys))
@@ -163,9 +163,10 @@ def sampler_program(model, mesh, method: str, **settings) -> Callable:
     return jax.jit(parallel.per_shard(local, mesh, num_replicated=1, num_batched=1))
 
 
-def make_config_sampler(config: ml_collections.ConfigDict, model, mesh,
+def make_config_sampler(sampling: Mapping[str, Any], model, mesh,
                         method: str | None = None, **overrides) -> SampleFn:
-    """make_sampler with config.sampling's method (or `method`) and settings."""
-    method = method or config.sampling.method
-    return make_sampler(model, mesh, method, batch_size=config.sampling.batch_size,
-                        **settings_from_config(config.sampling, method, **overrides))
+    """make_sampler with the method (or `method`), batch size and settings of `sampling`,
+    a config's sampling section."""
+    method = method or sampling["method"]
+    return make_sampler(model, mesh, method, batch_size=sampling["batch_size"],
+                        **settings_from_config(sampling, method, **overrides))
