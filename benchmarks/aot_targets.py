@@ -10,7 +10,8 @@ memory per chip, its estimated time (XLA's TPU cost model where it has one, else
 roofline), the flop rate that time implies as a share of the chip's peak, the QC step
 against the U-NCSN++ step of the same target and dtype, the largest batch per chip, and
 the paper's schedule priced with these estimates: 1.3M U-NCSN++ steps, then a 100k-step
-QC fine-tune. All of it is compiler estimates; docs/benchmarks.md says what they leave out.
+QC fine-tune, and the seconds one compile of the step took here. All of it is compiler
+estimates; docs/benchmarks.md says what they leave out.
 """
 
 import argparse
@@ -35,15 +36,18 @@ JOBS = {
 PAPER_STEPS = {"usbm": 1_300_000, "qc": 100_000}  # U-NCSN++ training, then the QC fine-tune
 
 
-def cell_path(out: str, job: str, dtype: str, target: str) -> str:
-    return os.path.join(out, f"{target.replace(':', '_')}__{job}__{dtype}.json")
+def cell_path(out: str, job: str, dtype: str, target: str, find_batch: str) -> str:
+    """Where a cell's report is kept. It is not recompiled when the code changes: delete
+    the file (or use another --out) to compile it again."""
+    suffix = "" if find_batch == "estimate" else f"__{find_batch}"
+    return os.path.join(out, f"{target.replace(':', '_')}__{job}__{dtype}{suffix}.json")
 
 
 def compile_cell(out: str, job: str, dtype: str, target: str, find_batch: str,
                  timeout: float, cached_only: bool = False) -> dict | None:
     """The cell's report (compiling it unless its JSON exists or cached_only), with
     'compile_wall_s'; None if it is not there or did not compile."""
-    path = cell_path(out, job, dtype, target)
+    path = cell_path(out, job, dtype, target, find_batch)
     if os.path.exists(path):
         with open(path) as f:
             return json.load(f)
@@ -85,7 +89,7 @@ def summary(job: str, dtype: str, report: dict, baseline: dict | None) -> dict:
                tflop_per_chip=step["flops"] / 1e12,
                share_of_peak=step["flops"] / seconds / chip.peak_flops[dtype],
                largest_batch_per_chip=(report["fit"] or {}).get("per_device_batch"),
-               compile_s=report.get("compile_wall_s"))
+               compile_s=step.get("compile_seconds"))
     if baseline is not None and job.startswith("qc"):
         usbm_s = baseline["programs"][0]["estimated_seconds"]
         row["vs_usbm"] = seconds / usbm_s

@@ -49,7 +49,7 @@ Commands:
       fit; --no-check skips it.
   test [PYTEST ARGS...]
       Lint (ruff, settings in pyproject.toml), then run the test suite (CPU only), one
-      worker per core (QCSBM_TEST_WORKERS=N for N; 0 for none).
+      worker per core up to 4 (QCSBM_TEST_WORKERS=N for N; 0 for none, e.g. for --pdb).
   -h, --help  Show this help.
 
 Set-up is automatic: the first run creates $VENV and installs the package with its
@@ -420,9 +420,10 @@ main() {
     test)
       setup_venv; setup_aot_plugins; setup_test_data; cd "$ROOT"
       "$VENV/bin/ruff" check . || die "ruff found the problems above (settings: pyproject.toml)"
-      # One worker per core (QCSBM_TEST_WORKERS); a file's tests stay in one worker, so
-      # module fixtures are built once.
-      exec "$VENV/bin/python" -m pytest -q -n "${QCSBM_TEST_WORKERS:-auto}" --dist=loadfile "$@" ;;
+      # One worker per core, at most 4 (each holds several GB; QCSBM_TEST_WORKERS=N sets
+      # N); a file's tests stay in one worker, so module fixtures are built once.
+      exec "$VENV/bin/python" -m pytest -q -n "${QCSBM_TEST_WORKERS:-auto}" --maxprocesses=4 \
+        --dist=loadfile "$@" ;;
     -h|--help|help) usage ;;
     "") usage; exit 2 ;;
     *) echo "launch/run.sh: unknown command '$command'" >&2; usage >&2; exit 2 ;;

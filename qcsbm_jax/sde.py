@@ -201,13 +201,17 @@ class SubVPSDE(VPSDE):
 SDES = {"ve": VESDE, "vp": VPSDE, "subvp": SubVPSDE}
 
 
-def get_sde(name: str, *, sigma_min: float, sigma_max: float, beta_min: float,
-            beta_max: float) -> SDE:
+def get_sde(name: str, *, sigma_min: float | None = None, sigma_max: float | None = None,
+            beta_min: float | None = None, beta_max: float | None = None) -> SDE:
     """The SDE `name` ('ve' | 'vp' | 'subvp'): VE with noise scales sigma_min..sigma_max,
-    VP / sub-VP with noise rates beta_min..beta_max (the others are ignored). A config's
-    `sde` section holds exactly these keys: get_sde(**config.sde)."""
+    VP / sub-VP with noise rates beta_min..beta_max; the other pair is ignored. A config's
+    `sde` section holds these keys: get_sde(**config.sde)."""
     if name not in SDES:
         raise ValueError(f"Unknown SDE {name!r}; valid names: {sorted(SDES)}.")
-    if name == "ve":
-        return VESDE(sigma_min=float(sigma_min), sigma_max=float(sigma_max))
-    return SDES[name](beta_min=float(beta_min), beta_max=float(beta_max))
+    needed = ("sigma_min", "sigma_max") if name == "ve" else ("beta_min", "beta_max")
+    given = dict(sigma_min=sigma_min, sigma_max=sigma_max, beta_min=beta_min,
+                 beta_max=beta_max)
+    missing = [k for k in needed if given[k] is None]
+    if missing:
+        raise ValueError(f"The {name!r} SDE needs {missing}.")
+    return SDES[name](**{k: float(given[k]) for k in needed})

@@ -14,6 +14,7 @@ import pytest
 
 from qcsbm_jax import config as config_lib
 from qcsbm_jax.aot import check, targets
+from test_launch import OUR_VENV
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOY = "configs/toy/gaussians8_qcsbm.py"
@@ -155,7 +156,7 @@ def test_the_command_line_writes_json_and_caches_the_report(tmp_path):
 def test_the_launchers_refuse_a_job_that_does_not_fit(tmp_path, command):
     # The train step alone, no batch search: the refusal, not the fit, is under test here.
     flags = f"--hbm_fraction=1e-7 --cache_dir={tmp_path} --train_only --find_batch=none"
-    env = {**os.environ, "QCSBM_CHECK_FLAGS": flags,
+    env = {**os.environ, **OUR_VENV, "QCSBM_CHECK_FLAGS": flags,
            "QCSBM_PIP_EXTRA": "", "PATH": f"{tmp_path}:{os.environ['PATH']}"}
     for tool in ("srun", "gcloud"):  # Would show that the job started.
         (tmp_path / tool).write_text("#!/bin/sh\necho STARTED; exit 99\n")

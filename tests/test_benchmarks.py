@@ -234,7 +234,7 @@ def test_aot_targets_prices_the_paper_schedule_from_each_cell(tmp_path, monkeypa
     assert base["share_of_peak"] == pytest.approx(0.4) and "vs_usbm" not in base
     assert base["largest_batch_per_chip"] == 96
     # A cell whose JSON is there is read, not compiled (an interrupted sweep resumes).
-    path = aot_targets.cell_path(str(tmp_path), "usbm", "float32", "tpu:v5e-4")
+    path = aot_targets.cell_path(str(tmp_path), "usbm", "float32", "tpu:v5e-4", "none")
     pathlib.Path(path).write_text(json.dumps(usbm))
     monkeypatch.setattr(aot_targets.subprocess, "run", lambda *a, **k: pytest.fail("compiled"))
     assert aot_targets.compile_cell(str(tmp_path), "usbm", "float32", "tpu:v5e-4",

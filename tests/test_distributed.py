@@ -13,7 +13,6 @@ SLURM = {"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "gpu[01-02]", "SLURM_NTASKS
 EXPLICIT = dict(coordinator_address="10.0.0.1:1234", num_processes=4, process_id=2)
 
 
-
 @pytest.mark.parametrize("mode, kwargs, environ, expected", [
     ("auto", {}, {}, None),
     ("auto", EXPLICIT, {}, dict(EXPLICIT, cluster_detection_method="deactivate")),

@@ -1,6 +1,6 @@
-"""The numerical core imports nothing but itself and array libraries: no configs, files,
-command lines or checkpoints. Read from the sources (every import statement, also those
-inside functions), so a lazy import cannot slip through."""
+"""The numerical core imports nothing but itself and array libraries (no configs, files,
+command lines or checkpoints) and opens no files. Read from the sources (every import
+statement, also those inside functions), so a lazy import cannot slip through."""
 
 import ast
 import pathlib
@@ -63,6 +63,21 @@ def test_the_core_imports_only_the_core_and_array_libraries(path):
     assert outside == [], f"{path.name} imports {outside}: the core takes plain arguments"
 
 
+# Builtins that reach files or run code: the core has no business with them.
+FORBIDDEN_CALLS = {"open", "exec", "eval", "compile", "__import__", "input"}
+
+
+def forbidden_calls(path: pathlib.Path) -> set[str]:
+    return {node.func.id for node in ast.walk(ast.parse(path.read_text()))
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+            and node.func.id in FORBIDDEN_CALLS}
+
+
+@pytest.mark.parametrize("path", core_files(), ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_the_core_opens_no_files_and_runs_no_code(path):
+    assert forbidden_calls(path) == set(), f"{path.name} calls {forbidden_calls(path)}"
+
+
 def test_the_check_sees_a_forbidden_import_inside_a_function(tmp_path):
     module = tmp_path / "probe.py"
     module.write_text("import os\nfrom absl import logging, flags\n\n\ndef f():\n"
@@ -72,3 +87,5 @@ def test_the_check_sees_a_forbidden_import_inside_a_function(tmp_path):
                      "ml_collections"}
     assert sorted(n for n in found if not is_allowed(n)) == [
         "absl.flags", "ml_collections", "os", "qcsbm_jax.config"]
+    module.write_text("def f(path):\n    return open(path).read()\n")
+    assert forbidden_calls(module) == {"open"}

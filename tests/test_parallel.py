@@ -9,6 +9,7 @@ from jax.sharding import PartitionSpec as P
 from qcsbm_jax import asymmetry, experiment, likelihood, parallel, sampling, train
 from test_train import _batch, _smoke, _step_fn
 
+
 def _meshes():
     """One device, and eight: four on the data axis x two on the model axis, so the batch
     is split eight ways and parameters and optimizer state two ways (FSDP)."""

@@ -160,6 +160,9 @@ def test_get_sde_and_static_jit():
     config.name = "vesde"
     with pytest.raises(ValueError, match="'subvp', 've', 'vp'"):
         get_sde(**config)
+    assert get_sde("ve", sigma_min=0.1, sigma_max=3.0) == VESDE(sigma_min=0.1, sigma_max=3.0)
+    with pytest.raises(ValueError, match=r"needs \['beta_max'\]"):
+        get_sde("vp", beta_min=0.1)
 
     std_at = jax.jit(lambda sde, t: sde.marginal_mean_std(jnp.zeros((1, 1)), t)[1],
                      static_argnums=0)
