@@ -48,8 +48,9 @@ Commands:
       --gpu h100|h200, default h100) run this check first and refuse a job that does not
       fit; --no-check skips it.
   test [PYTEST ARGS...]
-      Lint (ruff, settings in pyproject.toml), then run the test suite (CPU only), one
-      worker per core up to 4 (QCSBM_TEST_WORKERS=N for N; 0 for none, e.g. for --pdb).
+      Lint (ruff) and type-check the core (mypy; both set in pyproject.toml), then run
+      the test suite (CPU only), one worker per core up to 4 (QCSBM_TEST_WORKERS=N for
+      N; 0 for none, e.g. for --pdb).
   -h, --help  Show this help.
 
 Set-up is automatic: the first run creates $VENV and installs the package with its
@@ -340,7 +341,7 @@ run_tpu() {
     setup)
       local archive; archive="$(mktemp -d)/qcsbm_jax.tar.gz"
       tar -czf "$archive" -C "$ROOT" --exclude=./.venv --exclude=./runs --exclude=./.git \
-        --exclude=./.pytest_cache --exclude='*.egg-info' --exclude=__pycache__ .
+        --exclude=./.pytest_cache --exclude=./.mypy_cache --exclude=./.ruff_cache --exclude='*.egg-info' --exclude=__pycache__ .
       gcloud compute tpus tpu-vm scp "$archive" "$tpu:qcsbm_jax.tar.gz" "${where[@]}"
       rm -f "$archive"
       "${ssh[@]}" --command="$(remote_command remote_setup "$REMOTE_DIR")" ;;
@@ -420,6 +421,7 @@ main() {
     test)
       setup_venv; setup_aot_plugins; setup_test_data; cd "$ROOT"
       "$VENV/bin/ruff" check . || die "ruff found the problems above (settings: pyproject.toml)"
+      "$VENV/bin/mypy" || die "mypy found the problems above in the core (pyproject.toml)"
       # One worker per core, at most 4 (each holds several GB; QCSBM_TEST_WORKERS=N sets
       # N); a file's tests stay in one worker, so module fixtures are built once.
       exec "$VENV/bin/python" -m pytest -q -n "${QCSBM_TEST_WORKERS:-auto}" --maxprocesses=4 \

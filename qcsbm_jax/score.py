@@ -59,16 +59,16 @@ def make_score_fn(apply_fn, sde, family: str, output: str) -> ScoreFn:
     if family == "constrained":
         energy_fn = make_energy_fn(apply_fn, sde, output)
 
-        def score_fn(params, x, t, key=None):
+        def energy_gradient(params, x, t, key=None):
             return -jax.grad(lambda y: jnp.sum(energy_fn(params, y, t, key)))(x)
 
-        return score_fn
+        return energy_gradient
 
-    def score_fn(params, x, t, key=None):
+    def network_output(params, x, t, key=None):
         return _unconstrained_output(
             apply_fn(params, x, sde.noise_condition(t), key), x, sde.std(t), output)
 
-    return score_fn
+    return network_output
 
 
 def _check(family: str, output: str) -> None:

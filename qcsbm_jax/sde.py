@@ -32,6 +32,28 @@ class SDE:
 
     T: ClassVar[float] = 1.0
 
+    # What every subclass defines (calling one a subclass lacks is an error).
+    @property
+    def prior_std(self) -> float:
+        """The prior's standard deviation."""
+        raise NotImplementedError
+
+    def alpha(self, t: jax.Array) -> jax.Array:
+        """The kernel's mean scale alpha(t) [B] for t [B]."""
+        raise NotImplementedError
+
+    def std(self, t: jax.Array) -> jax.Array:
+        """The kernel's standard deviation std(t) [B] for t [B]."""
+        raise NotImplementedError
+
+    def sde(self, x: jax.Array, t: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """(drift f(x, t) [B, *], diffusion g(t) [B]) of the forward SDE."""
+        raise NotImplementedError
+
+    def noise_condition(self, t: jax.Array) -> jax.Array:
+        """What the score network is conditioned on at t [B]."""
+        raise NotImplementedError
+
     def marginal_mean_std(self, x0: jax.Array, t: jax.Array):
         """Mean [B, *] and std [B] of p_t(x_t | x0) for x0 [B, *], t [B]."""
         return bcast(self.alpha(t), x0) * x0, self.std(t)
@@ -134,7 +156,9 @@ class VPSDE(SDE):
     beta_min: float = 0.1
     beta_max: float = 20.0
 
-    prior_std: ClassVar[float] = 1.0
+    @property
+    def prior_std(self) -> float:
+        return 1.0
 
     def beta(self, t: jax.Array) -> jax.Array:
         return self.beta_min + t * (self.beta_max - self.beta_min)
@@ -198,7 +222,7 @@ class SubVPSDE(VPSDE):
     discretize = SDE.discretize
 
 
-SDES = {"ve": VESDE, "vp": VPSDE, "subvp": SubVPSDE}
+SDES: dict[str, type[VESDE] | type[VPSDE]] = {"ve": VESDE, "vp": VPSDE, "subvp": SubVPSDE}
 
 
 def get_sde(name: str, *, sigma_min: float | None = None, sigma_max: float | None = None,
@@ -214,4 +238,4 @@ def get_sde(name: str, *, sigma_min: float | None = None, sigma_max: float | Non
     missing = [k for k in needed if given[k] is None]
     if missing:
         raise ValueError(f"The {name!r} SDE needs {missing}.")
-    return SDES[name](**{k: float(given[k]) for k in needed})
+    return SDES[name](**{k: float(v) for k, v in given.items() if k in needed and v is not None})

@@ -68,7 +68,8 @@ def functional(model: nnx.Module, compute_dtype: str = "float32") -> tuple[Apply
     if compute_dtype not in COMPUTE_DTYPES:
         raise ValueError(f"compute_dtype (training.compute_dtype) must be one of "
                          f"{COMPUTE_DTYPES}, got {compute_dtype!r}.")
-    graphdef, param_state, buffers = nnx.split(model, nnx.Param, ...)
+    # One state per filter: the parameters, then everything else (buffers).
+    graphdef, param_state, buffers = nnx.split(model, nnx.Param, ...)  # type: ignore[misc]
     params = nnx.to_pure_dict(param_state)
 
     def apply_fn(params, x, noise_condition, key=None):

@@ -24,16 +24,16 @@ def default_init(scale: float = 1.0):
                                              "fan_avg", "uniform")
 
 
-def to_kernel_dtype(arrays, dtype=None):
+def to_kernel_dtype(arrays, /, *, dtype=None, inexact=True):
     """nnx.Linear / nnx.Conv `promote_dtype` hook: the input in the kernel's dtype, the bias
     as it is.
 
     With models.mixed_precision only kernels are cast to the compute dtype (bfloat16), so
     the matmul or convolution runs in it while the bias stays float32: y + bias is float32,
     and the bias gradient, a sum over batch and positions, accumulates in float32. In
-    float32 it changes nothing. dtype: unused (the modules leave it None).
+    float32 it changes nothing. dtype, inexact: unused (the modules leave dtype None).
     """
-    del dtype
+    del dtype, inexact
     inputs, kernel, bias = arrays
     return inputs.astype(kernel.dtype), kernel, bias
 
@@ -153,19 +153,17 @@ def upfirdn2d(x: jax.Array, kernel: np.ndarray | jax.Array, *, up: int = 1, down
                                     dimension_numbers=_NHWC, feature_group_count=channels)
 
 
-def _upfirdn1d(x: jax.Array, taps: np.ndarray, axis: int, up: int, down: int,
+def _upfirdn1d(x: jax.Array, taps: np.ndarray | jax.Array, axis: int, up: int, down: int,
                pad: tuple[int, int]) -> jax.Array:
     """upfirdn2d along one axis of x with 1D taps [k] (a sum of k shifted slices)."""
     config = [(0, 0, 0)] * x.ndim
     config[axis] = (pad[0], pad[1] + up - 1, up - 1)
     padded = lax.pad(x, jnp.zeros((), x.dtype), config)
     size = (padded.shape[axis] - len(taps)) // down + 1
-    out = None
-    for offset, tap in enumerate(np.asarray(taps)[::-1]):
-        term = float(tap) * lax.slice_in_dim(padded, offset, offset + (size - 1) * down + 1,
-                                             stride=down, axis=axis)
-        out = term if out is None else out + term
-    return out
+    terms = [float(tap) * lax.slice_in_dim(padded, offset, offset + (size - 1) * down + 1,
+                                           stride=down, axis=axis)
+             for offset, tap in enumerate(np.asarray(taps)[::-1])]
+    return sum(terms[1:], terms[0])
 
 
 def fir_upsample(x: jax.Array, kernel: Sequence[float], factor: int = 2) -> jax.Array:

@@ -146,7 +146,8 @@ class NCSNpp(nnx.Module):
                 in_ch = nf * mult
                 attentions += [attention(in_ch)] if with_attention else []
                 skip_channels.append(in_ch)
-            pyramid = resample = None
+            pyramid: nnx.Module | None = None
+            resample: nnx.Module | None = None
             if level < num_levels - 1:
                 resample = (resblock(in_ch, in_ch, "down") if self.biggan
                             else resampler(Downsample, in_ch, in_ch, resamp_with_conv))
@@ -229,8 +230,10 @@ class NCSNpp(nnx.Module):
             if level.resample is not None:
                 h = level.resample(h, temb, key) if self.biggan else level.resample(h)
 
-        out = pyramid if self.head is None else self.head(h)
-        return out.astype(x.dtype)
+        if self.head is not None:
+            return self.head(h).astype(x.dtype)
+        assert pyramid is not None  # progressive='output_skip': the output pyramid's sum
+        return pyramid.astype(x.dtype)
 
     def _embed(self, noise_condition: jax.Array) -> jax.Array:
         if self.fourier is not None:

@@ -39,6 +39,7 @@ plus 1 with denoise.
 
 import math
 import numbers
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -54,7 +55,7 @@ EDM_CHURN = dict(s_churn=0.0, s_tmin=0.0, s_tmax=math.inf, s_noise=1.0)
 # (sub-VP: VP's); sigma is our noise_level, the same quantity as EDM's sigma.
 EDM_CIFAR10_CHURN = {"ve": dict(s_churn=80.0, s_tmin=0.05, s_tmax=1.0, s_noise=1.007),
                      "vp": dict(s_churn=30.0, s_tmin=0.01, s_tmax=1.0, s_noise=1.007)}
-SETTINGS = {
+SETTINGS: dict[str, dict[str, Any]] = {
     "euler": dict(rho=7.0, denoise=True),
     "heun": dict(rho=7.0, denoise=True),
     "edm_stochastic": dict(rho=7.0, **EDM_CHURN, denoise=True),
