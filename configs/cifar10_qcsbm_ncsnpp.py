@@ -1,8 +1,8 @@
 """cifar10, QC-NCSN++: fine-tunes cifar10_usbm_ncsnpp for 100k steps with the QC penalty
 (docs/method.md, experiment 3).
 
-Append ':small' to the path for a small network (about 40 minutes on a 2-core CPU),
-':smoke' for a seconds-long test run; ':table2' and ':tables3_4' for the authors' fine-tunes
+Append ':small' to the path for a small network (a CPU run; docs/usage.md),
+':smoke' for a short test run; ':table2' and ':tables3_4' for the authors' fine-tunes
 behind the paper's Table 2 (16 probes, batch 8) and Tables 3-4 (1 probe, batch 128).
 """
 

@@ -1,8 +1,8 @@
 """svhn, C-NCSN++ (constrained: score = -grad of 1/2 ||F / sigma||^2) (docs/method.md,
 experiment 3).
 
-Append ':small' to the path for a small network (about 40 minutes on a 2-core CPU),
-':smoke' for a seconds-long test run.
+Append ':small' to the path for a small network (a CPU run; docs/usage.md),
+':smoke' for a short test run.
 """
 
 from qcsbm_jax.config import image_config

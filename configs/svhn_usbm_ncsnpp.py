@@ -1,7 +1,7 @@
 """svhn, U-NCSN++ (unconstrained) (docs/method.md, experiment 3).
 
-Append ':small' to the path for a small network (about 40 minutes on a 2-core CPU),
-':smoke' for a seconds-long test run.
+Append ':small' to the path for a small network (a CPU run; docs/usage.md),
+':smoke' for a short test run.
 """
 
 from qcsbm_jax.config import image_config

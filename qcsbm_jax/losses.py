@@ -14,10 +14,11 @@ one key by `Loss.draw` or supplied by the caller (`Loss.evaluate`), row b of eac
 belonging to sample b: train's gradient accumulation slices one batch's draws into
 micro-batches, and tests feed the draws of a reference implementation.
 
-A train step with the penalty on every sample costs about 3x a DSM step (the penalty needs
-J v and J^T v, and their gradient; docs/benchmarks.md). Three unbiased ways to pay less:
+A train step with the penalty on every sample costs 9 forward-pass units against a DSM
+step's 3 (the penalty needs J v and J^T v, and their gradient; docs/benchmarks.md). Three
+unbiased ways to pay less:
   qc_gradient 'jvp': differentiate only through J v, with a gradient estimate whose mean
-    is the full penalty's (asymmetry.GRADIENTS); about 2.3x instead of 3x DSM's flops.
+    is the full penalty's (asymmetry.GRADIENTS); 7 units instead of 9.
   qc_fraction f: the penalty on ceil(f B) samples only (every B/m-th sample when that
     count m divides B, so that each device of a data-parallel mesh penalises its own share;
     else the first m). The batch is random, so their mean estimates the same expectation;
@@ -147,7 +148,7 @@ def make_loss_fn(score_fn: ScoreFn, sde, *, weighting: str = "sigma2",
     while tracing; ignored otherwise).
     qc_gradient: 'estimate' differentiates the penalty estimate exactly (the paper);
     'jvp' gives an unbiased gradient of the same expected penalty without differentiating
-    the J^T v pass (asymmetry module docstring), about 2.3x instead of 3x DSM's flops.
+    the J^T v pass (asymmetry module docstring): 7 forward-pass units instead of 9.
     metrics: 'loss', 'dsm' and, when qc_weight > 0, 'qc': the mean unweighted penalty of
     the penalised samples (with qc_every = k: k times that on penalty steps, 0 on the
     others, so that its average over k consecutive steps estimates the mean penalty).

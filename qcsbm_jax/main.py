@@ -15,11 +15,8 @@ cifar10_usbm_ddpmpp.py (images), with variants:
   :smoke  a tiny model and a few steps, to check that everything runs
 Samplers (--config.sampling.method): pc, ode (adaptive RK45), euler, heun,
 edm_stochastic, dpm_solver_2m, euler_maruyama (sampling.num_steps).
-Typical times on a 2-core CPU, compilation included: toy :smoke --mode all 20 s; a toy
-paper run 1-7 min of training and a few minutes of evaluation (50,000 ODE likelihoods);
-Fashion-MNIST :smoke --mode all 2 min (U-NCSN++) and 3.5 min (QC fine-tune), mostly
-compilation; :small about 40 min of training. The paper's image settings need an
-accelerator.
+Typical CPU times of the toy configs and the :smoke and :small variants: docs/usage.md.
+The paper's image settings need an accelerator.
 Any config value can be overridden with --config.a.b=value; an unknown key or a value of
 the wrong type is one line that says so. The config, the devices and DIR are checked
 before anything is built or written. DIR may be a local path or a gs:// URL; one training

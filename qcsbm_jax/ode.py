@@ -25,8 +25,8 @@ from jax import lax
 from jax.flatten_util import ravel_pytree
 
 # A bound against runaway solves, not a budget: the probability-flow ODE of an energy model
-# with a LeakyReLU head (the authors' 8-Gaussians CSBM) is non-smooth, and at rtol 1e-3 one
-# test point in 5,000 took about 5,000 step attempts (30,218 evaluations).
+# with a LeakyReLU head (the authors' 8-Gaussians CSBM) is non-smooth, and at rtol 1e-3 a
+# rare test point needs far more step attempts than the rest (docs/results.md).
 DEFAULT_MAX_STEPS = 32768
 
 SAFETY = 0.9

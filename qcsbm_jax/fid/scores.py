@@ -8,8 +8,8 @@
   density, coverage   the same balls counted (Naeem et al., 2020): qcsbm_jax.metrics
 
 FID needs float64: tr sqrt(S1 S2) sums square roots of eigenvalues that float32 resolves
-only to about 1e-7 of the largest, and on 2048-dimensional covariances that was
-measured to shift FID 2.01 to 2.35 (docs/fid.md). So the matrix square root (a symmetric
+only to about 1e-7 of the largest, and on 2048-dimensional covariances that shifts FID
+visibly (docs/fid.md). So the matrix square root (a symmetric
 eigendecomposition S1 = V L V^T, then the eigenvalues of the symmetric sqrt(L) V^T S2 V
 sqrt(L)) runs in float64 through XLA on the default device (CPU or GPU), and in NumPy on
 the host under a TPU, which has no float64.

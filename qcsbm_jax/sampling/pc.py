@@ -50,7 +50,7 @@ def _langevin(sde, snr: float, score, x, t, dt, z):
     alpha(t))^2 (the DDPM alpha_i of the interval just stepped over; 1 for VE); zero
     where the score vanishes. The rule relies on ||z|| / ||s|| concentrating, i.e. high
     dimension: on a Gaussian target it inflates the variance by about 1 / (1 - snr^2) for
-    large D, by ~10% at D = 64, and many-fold at D = 2 (heavy-tailed 1 / ||s||^2), so
+    large D, by more at moderate D, and many-fold at D = 2 (heavy-tailed 1 / ||s||^2), so
     prefer corrector 'none' (or the ODE sampler) for 2D toy data.
     """
     alpha_ratio = jnp.square(sde.alpha(t + dt) / sde.alpha(t))
