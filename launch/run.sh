@@ -341,7 +341,8 @@ run_tpu() {
     setup)
       local archive; archive="$(mktemp -d)/qcsbm_jax.tar.gz"
       tar -czf "$archive" -C "$ROOT" --exclude=./.venv --exclude=./runs --exclude=./.git \
-        --exclude=./.pytest_cache --exclude=./.mypy_cache --exclude=./.ruff_cache --exclude='*.egg-info' --exclude=__pycache__ .
+        --exclude=./.pytest_cache --exclude=./.mypy_cache --exclude=./.ruff_cache \
+        --exclude='*.egg-info' --exclude=__pycache__ .
       gcloud compute tpus tpu-vm scp "$archive" "$tpu:qcsbm_jax.tar.gz" "${where[@]}"
       rm -f "$archive"
       "${ssh[@]}" --command="$(remote_command remote_setup "$REMOTE_DIR")" ;;
