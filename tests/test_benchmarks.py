@@ -3,6 +3,7 @@ and checks that it times the programs users run, with the overrides it is given;
 arithmetic of the side by side with the authors' code (which needs torch to run)."""
 
 import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -239,3 +240,11 @@ def test_aot_targets_prices_the_paper_schedule_from_each_cell(tmp_path, monkeypa
     monkeypatch.setattr(aot_targets.subprocess, "run", lambda *a, **k: pytest.fail("compiled"))
     assert aot_targets.compile_cell(str(tmp_path), "usbm", "float32", "tpu:v5e-4",
                                     "none", 10) == usbm
+    # A cell with the batch search serves a request without it, not the other way round
+    # (unless only cached cells are asked for).
+    os.rename(path, aot_targets.cell_path(str(tmp_path), "usbm", "float32", "tpu:v5e-4",
+                                          "estimate"))
+    assert aot_targets.compile_cell(str(tmp_path), "usbm", "float32", "tpu:v5e-4",
+                                    "none", 10) == usbm
+    assert aot_targets.compile_cell(str(tmp_path), "qc_jvp", "float32", "tpu:v5e-4",
+                                    "estimate", 10, cached_only=True) is None
