@@ -51,8 +51,8 @@ def compile_cell(out: str, job: str, dtype: str, target: str, find_batch: str,
     path = cell_path(out, job, dtype, target, find_batch)
     # A cell with the batch search also serves a request without it; --cached_only
     # takes either.
-    for kind in [find_batch] + [k for k in FIND_BATCH if k != find_batch
-                                and (cached_only or k == "estimate")]:
+    kinds = (find_batch, *FIND_BATCH) if cached_only else (find_batch, "estimate")
+    for kind in dict.fromkeys(kinds):
         if os.path.exists(found := cell_path(out, job, dtype, target, kind)):
             with open(found) as f:
                 return json.load(f)

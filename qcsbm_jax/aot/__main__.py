@@ -62,14 +62,6 @@ def _cache_path(argv: list[str]) -> str | None:
     return os.path.join(_CACHE_DIR.value, hashlib.sha256(key.encode()).hexdigest() + ".json")
 
 
-def _write_json(path: str, values: dict) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(values, f, indent=1)
-    os.replace(tmp, path)
-
-
 def _fail(error: Exception) -> None:
     print(f"qcsbm_jax.aot: {error}", file=sys.stderr)
     sys.exit(2)
@@ -78,6 +70,7 @@ def _fail(error: Exception) -> None:
 def main(argv):
     from qcsbm_jax import config as config_lib
     from qcsbm_jax.aot import check, report, targets
+    from qcsbm_jax.evaluation import outputs
 
     try:
         target = targets.parse(_TARGET.value)
@@ -91,7 +84,7 @@ def main(argv):
         print(saved["table"])
         print(f"(cached report: {cached})")
         if _JSON.value:
-            _write_json(_JSON.value, saved["report"])
+            outputs.write_json(_JSON.value, saved["report"])
         return 0 if saved["report"]["fits"] else NOT_FITTING_EXIT_CODE
     try:
         devices = targets.devices(target)
@@ -105,10 +98,10 @@ def main(argv):
     text, values = report.table(job), report.as_json(job)
     print(text)
     if _JSON.value:
-        _write_json(_JSON.value, values)
+        outputs.write_json(_JSON.value, values)
         print(f"JSON: {_JSON.value}")
     if cached:
-        _write_json(cached, {"table": text, "report": values})
+        outputs.write_json(cached, {"table": text, "report": values})
     return 0 if job.fits else NOT_FITTING_EXIT_CODE
 
 

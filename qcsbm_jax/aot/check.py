@@ -9,7 +9,7 @@ from absl import logging
 
 from qcsbm_jax import config as config_lib, parallel, train
 from qcsbm_jax.aot import analysis, fit, programs as programs_lib
-from qcsbm_jax.aot.targets import Target
+from qcsbm_jax.aot.targets import GiB, Target
 
 
 @dataclasses.dataclass
@@ -109,11 +109,11 @@ def check_job(config, target: Target, devices, *, config_name: str = "",
                  f"(batch {program.batch})")
         reports.append(compile_program(program, target, mesh, capacity))
         progress(f"    {reports[-1].compile_seconds:.0f} s, "
-                 f"{reports[-1].memory.total / 2**30:.2f} GiB per device")
+                 f"{reports[-1].memory.total / GiB:.2f} GiB per device")
     found = None
     if find_batch != "none":
-        def memory_at(batch: int) -> analysis.Memory:
-            program = programs_lib.train_programs(config, model, mesh, batch)[0]
+        def step_memory(step_config, batch: int | None = None) -> analysis.Memory:
+            program = programs_lib.train_programs(step_config, model, mesh, batch)[0]
             return analysis.Memory.of(program.fn.lower(*program.args).compile())
 
         def accumulated(steps: int) -> analysis.Memory:
@@ -121,8 +121,10 @@ def check_job(config, target: Target, devices, *, config_name: str = "",
             changed = config.copy_and_resolve_references()
             with changed.unlocked():
                 changed.training.grad_accum_steps = steps
-            program = programs_lib.train_programs(changed, model, mesh)[0]
-            return analysis.Memory.of(program.fn.lower(*program.args).compile())
+            return step_memory(changed)
+
+        def memory_at(batch: int) -> analysis.Memory:
+            return step_memory(config, batch)
 
         found = fit.largest_batch(
             config, mesh.size, target.num_hosts, capacity, memory_at, reports[0].memory,

@@ -11,6 +11,7 @@ import math
 from collections.abc import Callable
 
 from qcsbm_jax.aot import analysis
+from qcsbm_jax.aot.targets import GiB
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,7 +53,7 @@ def suggestions(config, num_devices: int, num_hosts: int, memory: analysis.Memor
     if memory.total <= capacity:
         return ()
     batch, accumulation = config.training.batch_size, config.training.grad_accum_steps
-    gib = lambda b: f"{b / 2**30:.2f} GiB"
+    gib = lambda b: f"{b / GiB:.2f} GiB"
     out = []
     largest = _largest(fixed, per_example, capacity)
     if accumulation == 1:

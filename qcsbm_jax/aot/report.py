@@ -3,8 +3,7 @@
 import dataclasses
 
 from qcsbm_jax.aot.check import JobReport, ProgramReport
-
-GIB = 2**30
+from qcsbm_jax.aot.targets import GiB
 
 
 def _seconds(s: float) -> str:
@@ -17,10 +16,10 @@ def _row(p: ProgramReport) -> list[str]:
     m = p.memory
     nfe = f" x {p.repeats:g}{' (assumed NFE)' if p.nfe_assumed else ''}" if p.kind in (
         "sample", "likelihood") else ""
-    gib = lambda b: f"{b / GIB:.3g}"
+    gib = lambda b: f"{b / GiB:.3g}"
     return [p.name, f"{p.batch} ({p.batch_per_device:g}/dev)", gib(m.arguments),
             gib(m.outputs), gib(m.aliased), gib(m.temporaries),
-            f"{gib(m.total)} / {p.capacity / GIB:.1f}",
+            f"{gib(m.total)} / {p.capacity / GiB:.1f}",
             "yes" if p.fits else "NO", f"{p.work.flops / 1e12:.3g}{nfe}",
             f"{p.work.bytes_accessed / 1e9:.3g}",
             "-" if p.xla_seconds is None else _seconds(p.xla_seconds),
@@ -54,10 +53,10 @@ def table(job: JobReport) -> str:
         state = "verified by a compile" if f.verified else "estimated from two compiles"
         lines.append(f"Largest training batch per device that fits: {f.per_device_batch} "
                      f"({state}; {f.bytes_per_example / 2**20:.0f} MiB per example, "
-                     f"{f.fixed_bytes / GIB:.2f} GiB fixed).")
+                     f"{f.fixed_bytes / GiB:.2f} GiB fixed).")
     if not job.fits:
         lines.append("DOES NOT FIT: " + "; ".join(
-            f"{p.name} needs {p.memory.total / GIB:.2f} GiB of {p.capacity / GIB:.2f} GiB"
+            f"{p.name} needs {p.memory.total / GiB:.2f} GiB of {p.capacity / GiB:.2f} GiB"
             for p in job.programs if not p.fits) + ".")
         if job.fit is not None and job.fit.suggestions:
             lines.append("Settings that would fit: " + "; ".join(job.fit.suggestions) + ".")

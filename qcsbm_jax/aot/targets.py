@@ -7,6 +7,7 @@ the accelerator's own compiler on a CPU machine; nothing executes.
 """
 
 import dataclasses
+import math
 import os
 import re
 import sys
@@ -80,6 +81,8 @@ class Target:
     num_chips: int
     num_hosts: int
     topology: str  # JAX's topology string
+    kind: str  # the chip's key in CHIPS
+    chips_per_host: tuple[int, int, int] | None = None  # TPU: the host's share of the torus
 
 
 def valid_names() -> list[str]:
@@ -113,13 +116,13 @@ def parse(name: str) -> Target:
             raise _unknown(name)
         chips = int(size) // _CORES_PER_CHIP[kind]
         dims, per_host = _tpu_shape(kind, chips)
-        hosts = chips // (per_host[0] * per_host[1] * per_host[2])
-        return Target(name, CHIPS[kind], chips, hosts, dims)
+        hosts = chips // math.prod(per_host)
+        return Target(name, CHIPS[kind], chips, hosts, dims, kind, per_host)
     match = _GPU_NAME.match(rest) if platform == "gpu" else None
     if match is None or int(match.group(3)) not in GPUS_PER_HOST:
         raise _unknown(name)
     hosts, kind, per_host = int(match.group(1) or 1), match.group(2), int(match.group(3))
-    return Target(name, CHIPS[kind], hosts * per_host, hosts, f"1x{hosts}x{per_host}")
+    return Target(name, CHIPS[kind], hosts * per_host, hosts, f"1x{hosts}x{per_host}", kind)
 
 
 def devices(target: Target) -> list:
@@ -129,13 +132,12 @@ def devices(target: Target) -> list:
 
     if target.chip.platform == "tpu":
         os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # Several checks at once.
-        kind = target.name.split(":")[1].split("-")[0]
-        _, per_host = _tpu_shape(kind, target.num_chips)
-        options = dict(chips_per_host_bounds=per_host, num_slices=1)
-        if _CORES_PER_CHIP[kind] == 2:
+        options = dict(chips_per_host_bounds=target.chips_per_host, num_slices=1)
+        if _CORES_PER_CHIP[target.kind] == 2:
             options["chip_config_name"] = "megacore"
         topology = _checked(lambda: topologies.get_topology_desc(
-            topology_name=f"{kind}:{target.topology}", platform="tpu", **options), target)
+            topology_name=f"{target.kind}:{target.topology}", platform="tpu", **options),
+            target)
     else:
         topology = _checked(lambda: topologies.get_topology_desc(
             platform="cuda", topology=target.topology,
